@@ -1,0 +1,1 @@
+"""icpo's compiled ops: typed wrappers with validation, fake kernels and autograd."""
