@@ -1,8 +1,194 @@
-"""Group ops: placeholder until the kernels land."""
+"""Group ops: preference scores (Eq. 9), ICPO advantages (Eq. 9, 11, 5 fused) and GRPO's (Eq. 5).
+
+A group is the G responses sampled for one prompt. Groups are either consecutive blocks of
+``group_size`` or ragged, given by ``group_offsets`` ``[num_groups + 1]`` (int32/int64, the
+``cu_seqlens`` convention: starts at 0, ends at N, no empty group). Exactly one of the two.
+
+None of these ops is differentiable: confidence and rewards are reward inputs (SPEC step 3), so
+the wrappers detach them and every output has ``requires_grad=False``.
+Inputs are float32/float64/float16/bfloat16; half types are computed in float32 and returned in
+their own dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+
 from icpo.ops.reference import ICPOAdvantages
-def preference_scores(confidence, group_size=None, *, group_offsets=None, delta=0.4):
-    raise NotImplementedError
-def icpo_advantages(confidence, rewards, group_size=None, *, group_offsets=None, delta=0.4, tau=2.0, omega=1.0, scale=True, unbiased=False, eps=1e-6):
-    raise NotImplementedError
-def grpo_advantages(rewards, group_size=None, *, group_offsets=None, scale=True, unbiased=False, eps=1e-6):
-    raise NotImplementedError
+from icpo.ops.segments import check_offsets
+
+__all__ = ["ICPOAdvantages", "grpo_advantages", "icpo_advantages", "preference_scores"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_offsets(n: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[n / group_size + 1]`` offsets, cached so hot loops do not re-allocate them."""
+    return torch.arange(0, n + 1, group_size, dtype=torch.int64, device=device)
+
+
+def _check_data(x: object, name: str, op: str) -> torch.Tensor:
+    """``x`` must be a 1-D float tensor; returns it detached (no gradient flows through) and
+    contiguous (the kernels read flat memory)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, "
+                        f"got {x.dtype}")
+    if x.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D [N], got shape {tuple(x.shape)}")
+    return (x.detach() if x.requires_grad else x).contiguous()
+
+
+def _resolve_offsets(op: str, n: int, group_size: int | None, group_offsets: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+    """int64 ``[num_groups + 1]`` offsets on ``device`` from exactly one of the two group specs."""
+    if (group_size is None) == (group_offsets is None):
+        raise ValueError(f"{op}: give exactly one of group_size or group_offsets, got "
+                         f"{'both' if group_size is not None else 'neither'}")
+    if group_size is not None:
+        if isinstance(group_size, bool):
+            raise TypeError(f"{op}: group_size must be an int, got bool")
+        try:
+            group_size = operator.index(group_size)
+        except TypeError:
+            raise TypeError(f"{op}: group_size must be an int, got "
+                            f"{type(group_size).__name__}") from None
+        if group_size <= 0:
+            raise ValueError(f"{op}: group_size must be positive, got {group_size}")
+        if n % group_size:
+            raise ValueError(f"{op}: group_size = {group_size} does not divide N = {n}; pass "
+                             "group_offsets for ragged groups")
+        if torch.compiler.is_compiling():
+            return torch.arange(0, n + 1, group_size, dtype=torch.int64, device=device)
+        return _uniform_offsets(n, group_size, device)
+    if not isinstance(group_offsets, torch.Tensor):
+        raise TypeError(f"{op}: group_offsets must be a torch.Tensor, got "
+                        f"{type(group_offsets).__name__}")
+    if group_offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: group_offsets must be int32 or int64, got {group_offsets.dtype}")
+    if group_offsets.dim() != 1 or group_offsets.numel() < 1:
+        raise ValueError(f"{op}: group_offsets must be 1-D [num_groups + 1], got shape "
+                         f"{tuple(group_offsets.shape)}")
+    if group_offsets.device != device:
+        raise ValueError(f"{op}: group_offsets must be on {device} (the data's device), got "
+                         f"{group_offsets.device}")
+    check_offsets(group_offsets, n, op=op, name="group_offsets", part="group", total_name="N")
+    return group_offsets.to(torch.int64).contiguous()
+
+
+def _first_bad(x: torch.Tensor, bad: torch.Tensor) -> tuple[int, float]:
+    i = int(bad.nonzero()[0, 0])
+    return i, float(x[i])
+
+
+def _check_values(op: str, confidence: torch.Tensor | None, rewards: torch.Tensor | None) -> None:
+    """No NaN/inf anywhere, confidence <= 0. One aminmax per tensor and one host sync."""
+    if torch.compiler.is_compiling():
+        return
+    named = [(n, t) for n, t in (("confidence", confidence), ("rewards", rewards))
+             if t is not None and t.numel() > 0]
+    if not named:
+        return
+    # aminmax propagates NaN, so min > -inf and max < inf (or <= 0) also rule NaN out.
+    stats = torch.stack([s for _, t in named for s in torch.aminmax(t)]).tolist()
+    for k, (name, t) in enumerate(named):
+        lo, hi = stats[2 * k], stats[2 * k + 1]
+        if not (lo > float("-inf") and hi < float("inf")):
+            i, v = _first_bad(t, ~torch.isfinite(t))
+            raise ValueError(f"{op}: {name} must be finite, got {name}[{i}] = {v}")
+        if name == "confidence" and not hi <= 0:
+            i, v = _first_bad(t, t > 0)
+            raise ValueError(f"{op}: confidence must be <= 0 (a mean token log-prob), got "
+                             f"confidence[{i}] = {v}")
+
+
+def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *,
+                      group_offsets: torch.Tensor | None = None,
+                      delta: float = 0.4) -> torch.Tensor:
+    """Preference advantage score S of every response (SPEC steps 4-5, Eq. 9).
+
+    confidence: ``[N]`` float, <= 0 (mean token log-probs), finite; values above
+    ``reference.CONFIDENCE_CEIL`` are clamped to it. Groups sorted ascending (stable by position);
+    the response at sorted position k gets ``delta * sum_{j > k} c_j / c_k - delta * c_top``.
+    Returns ``[N]`` >= 0 in confidence's dtype; not differentiable.
+    """
+    op = "preference_scores"
+    confidence = _check_data(confidence, "confidence", op)
+    offsets = _resolve_offsets(op, confidence.shape[0], group_size, group_offsets,
+                               confidence.device)
+    _check_values(op, confidence, None)
+    return torch.ops.icpo.preference_scores(confidence, offsets, float(delta))
+
+
+def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor,
+                    group_size: int | None = None, *, group_offsets: torch.Tensor | None = None,
+                    delta: float = 0.4, tau: float = 2.0, omega: float = 1.0, scale: bool = True,
+                    unbiased: bool = False, eps: float = 1e-6) -> ICPOAdvantages:
+    """ICPO advantages: SPEC steps 4-7 in one pass per group.
+
+    confidence: ``[N]`` float <= 0; rewards: ``[N]`` float (R_verif), same device, finite.
+    Returns ``ICPOAdvantages(scores, rewards, advantages)``, each ``[N]`` in rewards' dtype:
+    S (Eq. 9), R_final = R + omega * min(S, |R| / tau) (Eq. 11) and
+    (R_final - mean) / (std + eps) per group (Eq. 5; population std unless ``unbiased``; without
+    ``scale`` only centered, as Dr. GRPO). A group of one gets advantage 0. ``omega = 0`` gives
+    bitwise :func:`grpo_advantages` of ``rewards``. Not differentiable.
+    """
+    op = "icpo_advantages"
+    confidence = _check_data(confidence, "confidence", op)
+    rewards = _check_data(rewards, "rewards", op)
+    if confidence.shape != rewards.shape:
+        raise ValueError(f"{op}: confidence and rewards must have the same shape [N], got "
+                         f"{tuple(confidence.shape)} and {tuple(rewards.shape)}")
+    if confidence.device != rewards.device:
+        raise ValueError(f"{op}: confidence and rewards must be on one device, got "
+                         f"{confidence.device} and {rewards.device}")
+    offsets = _resolve_offsets(op, rewards.shape[0], group_size, group_offsets, rewards.device)
+    _check_values(op, confidence, rewards)
+    out_dtype = rewards.dtype
+    if confidence.dtype != out_dtype:  # the kernel takes one dtype: compute in the wider one
+        common = torch.promote_types(confidence.dtype, out_dtype)
+        confidence, rewards = confidence.to(common), rewards.to(common)
+    scores, final, adv = torch.ops.icpo.icpo_advantages(
+        confidence, rewards, offsets, float(delta), float(tau), float(omega), bool(scale),
+        bool(unbiased), float(eps))
+    if scores.dtype != out_dtype:
+        scores, final, adv = scores.to(out_dtype), final.to(out_dtype), adv.to(out_dtype)
+    return ICPOAdvantages(scores, final, adv)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
+                    group_offsets: torch.Tensor | None = None, scale: bool = True,
+                    unbiased: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages (Eq. 5): ``(R - mean) / (std + eps)`` per group, or ``R - mean`` without
+    ``scale``. rewards: ``[N]`` float, finite. Returns ``[N]`` in rewards' dtype; a group of one
+    gets 0 (also with ``unbiased``). Not differentiable.
+    """
+    op = "grpo_advantages"
+    rewards = _check_data(rewards, "rewards", op)
+    offsets = _resolve_offsets(op, rewards.shape[0], group_size, group_offsets, rewards.device)
+    _check_values(op, None, rewards)
+    return torch.ops.icpo.grpo_advantages(rewards, offsets, bool(scale), bool(unbiased),
+                                          float(eps))
+
+
+@torch.library.register_fake("icpo::preference_scores")
+def _preference_scores_fake(confidence, group_offsets, delta):
+    return confidence.new_empty(confidence.shape)
+
+
+@torch.library.register_fake("icpo::icpo_advantages")
+def _icpo_advantages_fake(confidence, rewards, group_offsets, delta, tau, omega, scale,
+                          unbiased, eps):
+    torch._check(confidence.dtype == rewards.dtype,
+                 lambda: "confidence and rewards must share a dtype")
+    return tuple(rewards.new_empty(rewards.shape) for _ in range(3))
+
+
+@torch.library.register_fake("icpo::grpo_advantages")
+def _grpo_advantages_fake(rewards, group_offsets, scale, unbiased, eps):
+    return rewards.new_empty(rewards.shape)

@@ -1,0 +1,332 @@
+"""icpo.ops.token_logprobs against icpo.ops.reference.token_logprobs: values, gradients, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+from icpo.ops import reference, token_logprobs
+
+LOWP = (torch.bfloat16, torch.float16)
+ALL_DTYPES = (torch.float32,) + LOWP
+# (leading shape, V): T = 1, V = 1, primes, V not a multiple of the vector width (16 or 32 lanes
+# per step) or of the kernel's 1024-element block, several blocks with a ragged tail, 3-D input.
+SHAPES = [((1,), 1), ((1,), 97), ((6,), 1), ((7,), 1031), ((13,), 33), ((3,), 1025),
+          ((3,), 2048), ((4,), 4 * 1024 + 31), ((2, 5), 97), ((2, 3), 4099)]
+
+
+def make_inputs(lead, vocab, dtype=torch.float32, scale=4.0, seed=0, ignore_every=0):
+    """Random logits (N(0, scale^2)) and labels; every ``ignore_every``-th position ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*lead, vocab, generator=gen) * scale).to(dtype)
+    labels = torch.randint(0, vocab, lead, generator=gen)
+    if ignore_every:
+        labels.view(-1)[::ignore_every] = -100
+    return logits, labels
+
+
+def truth(logits, labels, temperature=1.0, ignore_index=-100):
+    """fp64 log-softmax of the (exactly upcast) logits: the yardstick for errors."""
+    z = logits.double() / temperature
+    logz = torch.log_softmax(z, dim=-1)
+    ignored = labels == ignore_index
+    logp = logz.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logz.exp() * logz).sum(-1)
+    return logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+def plain_lowp(logits, labels, temperature=1.0, ignore_index=-100):
+    """What plain PyTorch gives when it computes in the input's own precision."""
+    logz = torch.log_softmax(logits / temperature, dim=-1)
+    ignored = labels == ignore_index
+    logp = logz.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logz.exp() * logz).sum(-1)
+    return logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,vocab", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_matches_reference(lead, vocab, dtype, temperature):
+    logits, labels = make_inputs(lead, vocab, dtype, ignore_every=5)
+    logp, entropy = token_logprobs(logits, labels, temperature=temperature)
+    ref_logp, ref_entropy = reference.token_logprobs(logits, labels, temperature=temperature)
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert logp.shape == entropy.shape == labels.shape
+    torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=2e-5, rtol=1e-5)
+    # Flash-attention style bound: no worse than twice what plain PyTorch does at this precision.
+    t_logp, t_entropy = truth(logits, labels, temperature)
+    p_logp, p_entropy = plain_lowp(logits, labels, temperature)
+    assert max_err(logp, t_logp) <= 2 * max_err(p_logp, t_logp) + 1e-6
+    assert max_err(entropy, t_entropy) <= 2 * max_err(p_entropy, t_entropy) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qwen_sized_vocabulary(dtype):
+    logits, labels = make_inputs((3,), 151936, dtype, scale=3.0)
+    logp, entropy = token_logprobs(logits, labels)
+    t_logp, t_entropy = truth(logits, labels)
+    ref_logp, ref_entropy = reference.token_logprobs(logits, labels)
+    assert max_err(logp, t_logp) <= 2 * max_err(ref_logp, t_logp) + 1e-6
+    assert max_err(entropy, t_entropy) <= 2 * max_err(ref_entropy, t_entropy) + 1e-6
+
+
+def test_ignored_positions_give_zero_and_custom_ignore_index():
+    logits, labels = make_inputs((9,), 50)
+    labels[labels == 7] = 8
+    labels[[0, 4, 8]] = 7  # 7 is the ignore index here, so exactly these positions are ignored
+    logp, entropy = token_logprobs(logits, labels, ignore_index=7)
+    ignored = labels == 7
+    assert torch.equal(logp[ignored], torch.zeros(3)) and torch.equal(entropy[ignored], torch.zeros(3))
+    assert (logp[~ignored] < 0).all() and (entropy[~ignored] > 0).all()
+    t_logp, t_entropy = truth(logits, labels, ignore_index=7)
+    torch.testing.assert_close(logp[~ignored], t_logp[~ignored].float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[~ignored], t_entropy[~ignored].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_label_at_argmax_and_single_token_vocabulary():
+    logits, labels = make_inputs((4,), 1031, scale=1.0)
+    logits[torch.arange(4), labels] = 40.0  # the label dominates: logp -> 0 from below
+    logp, entropy = token_logprobs(logits, labels)
+    t_logp, t_entropy = truth(logits, labels)
+    assert (logp <= 0).all() and (logp > -1e-6).all()
+    torch.testing.assert_close(logp.double(), t_logp, atol=1e-7, rtol=1e-3)
+    torch.testing.assert_close(entropy.double(), t_entropy, atol=1e-7, rtol=1e-3)
+    one, label0 = torch.randn(5, 1) * 10, torch.zeros(5, dtype=torch.long)
+    logp1, entropy1 = token_logprobs(one, label0)
+    assert torch.equal(logp1, torch.zeros(5)) and torch.equal(entropy1, torch.zeros(5))
+
+
+def test_empty_batch_and_return_entropy_false():
+    logp, entropy = token_logprobs(torch.randn(0, 11), torch.zeros(0, dtype=torch.long))
+    assert logp.shape == entropy.shape == (0,)
+    logits, labels = make_inputs((3,), 11)
+    logp, entropy = token_logprobs(logits, labels, return_entropy=False)
+    assert entropy is None
+    torch.testing.assert_close(logp, reference.token_logprobs(logits, labels)[0])
+
+
+class _RecordIcpoCalls(TorchDispatchMode):
+    """Records the tensors handed to torch.ops.icpo.token_logprobs_fwd."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.icpo.token_logprobs_fwd.default:
+            self.inputs.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_strided_views_are_read_in_place():
+    base, _ = make_inputs((4, 10), 101)
+    logits = base[:, ::2, :]  # [4, 5, 101], merges into [20, 101] with row stride 2 * 101
+    labels = torch.randint(0, 101, (4, 5))
+    with _RecordIcpoCalls() as rec:
+        logp, entropy = token_logprobs(logits, labels)
+    (seen,) = rec.inputs
+    assert seen.data_ptr() == logits.data_ptr() and seen.stride() == (202, 1)
+    ref_logp, ref_entropy = reference.token_logprobs(logits, labels)
+    torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=2e-5, rtol=1e-5)
+    cols = base[0, :, :50]  # [10, 50] with row stride 101
+    torch.testing.assert_close(token_logprobs(cols, labels[0].clamp(max=49).repeat(2))[0],
+                               reference.token_logprobs(cols, labels[0].clamp(max=49).repeat(2))[0],
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_same_result_on_one_and_many_threads():
+    logits, labels = make_inputs((37,), 3001, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = token_logprobs(logits, labels)
+    finally:
+        torch.set_num_threads(threads)
+    many = token_logprobs(logits, labels)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def _grads(fn, logits, labels, temperature, g_logp, g_entropy, dtype=None):
+    x = logits.detach().to(dtype or logits.dtype).requires_grad_(True)
+    logp, entropy = fn(x, labels, temperature=temperature,
+                       return_entropy=g_entropy is not None)
+    loss = 0
+    if g_logp is not None:
+        loss = loss + (logp * g_logp.to(logp.dtype)).sum()
+    if g_entropy is not None:
+        loss = loss + (entropy * g_entropy.to(entropy.dtype)).sum()
+    return torch.autograd.grad(loss, x)[0]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,vocab", [((1,), 1), ((7,), 1031), ((2, 3), 4099), ((5,), 97)])
+@pytest.mark.parametrize("which", ["both", "logp_only", "entropy_only"])
+def test_gradients_match_autograd_through_reference(lead, vocab, dtype, which):
+    logits, labels = make_inputs(lead, vocab, dtype, scale=2.0, ignore_every=4)
+    before = logits.clone()
+    gen = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(lead, generator=gen) if which != "entropy_only" else None
+    g_entropy = torch.randn(lead, generator=gen) if which != "logp_only" else None
+    ours = _grads(token_logprobs, logits, labels, 0.8, g_logp, g_entropy)
+    assert ours.dtype == dtype and ours.shape == logits.shape
+    assert torch.equal(logits, before)  # the caller's logits are never modified
+    assert torch.equal(ours[labels == -100], torch.zeros_like(ours[labels == -100]))
+    ref = _grads(reference.token_logprobs, logits, labels, 0.8, g_logp, g_entropy)
+    best = _grads(truth_fn, logits, labels, 0.8, g_logp, g_entropy, dtype=torch.float64)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    plain = _grads(plain_fn, logits, labels, 0.8, g_logp, g_entropy)
+    assert max_err(ours, best) <= 2 * max_err(plain, best) + 1e-6
+
+
+def truth_fn(x, labels, *, temperature, return_entropy):
+    logp, entropy = truth(x, labels, temperature)
+    return logp, (entropy if return_entropy else None)
+
+
+def plain_fn(x, labels, *, temperature, return_entropy):
+    logp, entropy = plain_lowp(x, labels, temperature)
+    return logp, (entropy if return_entropy else None)
+
+
+@pytest.mark.parametrize("lead,vocab", [((4,), 13), ((2, 3), 5), ((1,), 1), ((3,), 40)])
+def test_gradcheck_float64(lead, vocab):
+    logits, labels = make_inputs(lead, vocab, torch.float64, scale=1.5)
+    labels.view(-1)[0] = -100
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: token_logprobs(t, labels, temperature=0.9), (x,))
+    assert torch.autograd.gradcheck(lambda t: token_logprobs(t, labels, return_entropy=False)[0],
+                                    (x,))
+
+
+def _opcheck_samples():
+    samples = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        logits, labels = make_inputs((6,), 37, dtype, ignore_every=3)
+        samples.append((logits.requires_grad_(dtype != torch.float16), labels))
+    wide = torch.randn(5, 70)
+    samples.append((wide[:, :41], torch.randint(0, 41, (5,))))  # row stride != V
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(5))
+def test_opcheck_both_ops(sample):
+    logits, labels = _opcheck_samples()[sample]
+    torch.library.opcheck(torch.ops.icpo.token_logprobs_fwd.default, (logits, labels, 1.25, -100))
+    x = logits.detach()
+    _, entropy, lse = torch.ops.icpo.token_logprobs_fwd(x, labels, 1.25, -100)
+    acc = lse.dtype
+    t = x.shape[0]
+    torch.library.opcheck(torch.ops.icpo.token_logprobs_bwd.default,
+                          (torch.randn(t, dtype=acc), torch.randn(t, dtype=acc), x, labels, lse,
+                           entropy, 1.25, -100))
+
+
+def test_compiles_without_graph_breaks():
+    logits, labels = make_inputs((4, 3), 29)
+    x = logits.clone().requires_grad_(True)
+
+    def loss_fn(t):
+        logp, entropy = token_logprobs(t, labels, temperature=0.5)
+        return logp.sum() + 0.1 * entropy.sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x), x)[0]
+    want = torch.autograd.grad(loss_fn(x), x)[0]
+    torch.testing.assert_close(got, want)
+
+
+def _poke(x, index, value):
+    """A copy of x with x[index] replaced by value."""
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+VOCAB_BAD = 100  # columns 0-63 go through the vector loop, 64-99 through the scalar tail
+BAD_INPUTS = [
+    (lambda x, y: (x.long(), y, {}), "logits"),
+    (lambda x, y: (x[0], y[0], {}), "logits"),
+    (lambda x, y: (x[None, None], y[None, None], {}), "logits"),
+    (lambda x, y: (x[:, :0], y, {}), "logits"),
+    (lambda x, y: (x, y.int(), {}), "labels"),
+    (lambda x, y: (x, y.float(), {}), "labels"),
+    (lambda x, y: (x, y[:-1], {}), "labels"),
+    (lambda x, y: (x, y.to("meta"), {}), "labels"),
+    (lambda x, y: (x, _poke(y, 2, VOCAB_BAD), {}), "labels"),
+    (lambda x, y: (x, _poke(y, 1, -1), {}), "labels"),
+    (lambda x, y: (_poke(x, (1, 5), float("nan")), y, {}), "logits"),
+    (lambda x, y: (_poke(x, (1, 90), float("nan")), y, {}), "logits"),
+    (lambda x, y: (_poke(x, (3, 7), float("inf")), y, {}), "logits"),
+    (lambda x, y: (_poke(x, (3, 99), float("inf")), y, {}), "logits"),
+    (lambda x, y: (_poke(x, (0, 33), -float("inf")), y, {}), "logits"),
+    (lambda x, y: (_poke(x, (4, 70), -float("inf")), y, {}), "logits"),
+    (lambda x, y: (x, y, {"temperature": 0.0}), "temperature"),
+    (lambda x, y: (x, y, {"temperature": -1.0}), "temperature"),
+    (lambda x, y: (x, y, {"temperature": float("nan")}), "temperature"),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_names_the_argument(case, dtype):
+    make, name = BAD_INPUTS[case]
+    logits, labels = make_inputs((5,), VOCAB_BAD, dtype)
+    args = make(logits, labels)
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=name):
+        token_logprobs(args[0], args[1], **args[2])
+
+
+def test_nan_message_points_at_the_row():
+    logits, labels = make_inputs((2, 3), 17)
+    logits[1, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"logits.*\[1, 2\]"):
+        token_logprobs(logits, labels)
+
+
+def test_raw_op_refuses_out_of_range_labels():
+    # Compiled graphs skip the wrapper's data-dependent checks; the kernel must still not read
+    # outside a row.
+    with pytest.raises(RuntimeError, match="labels"):
+        torch.ops.icpo.token_logprobs_fwd(torch.randn(3, 8), torch.tensor([0, 8, 1]), 1.0, -100)
+    with pytest.raises(RuntimeError, match="logits"):
+        torch.ops.icpo.token_logprobs_fwd(torch.randn(8, 3).t(), torch.tensor([0, 1, 1]), 1.0, -100)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,vocab", [((1,), 1), ((7,), 1031), ((2, 3), 4099), ((3,), 151936)])
+def test_cuda_matches_cpu(lead, vocab, dtype):
+    logits, labels = make_inputs(lead, vocab, dtype, ignore_every=4)
+    gen = torch.Generator().manual_seed(2)
+    g_logp, g_entropy = torch.randn(lead, generator=gen), torch.randn(lead, generator=gen)
+    cpu = token_logprobs(logits, labels, temperature=0.8)
+    gpu = token_logprobs(logits.cuda(), labels.cuda(), temperature=0.8)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], atol=2e-5, rtol=1e-5)
+    grad_cpu = _grads(token_logprobs, logits, labels, 0.8, g_logp, g_entropy)
+    grad_gpu = _grads(token_logprobs, logits.cuda(), labels.cuda(), 0.8, g_logp.cuda(),
+                      g_entropy.cuda())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(grad_gpu.cpu(), grad_cpu, atol=tol, rtol=tol)
+
+
+@cuda
+def test_cuda_opcheck_and_errors():
+    logits, labels = make_inputs((6,), 37, ignore_every=3)
+    x, y = logits.cuda().requires_grad_(True), labels.cuda()
+    torch.library.opcheck(torch.ops.icpo.token_logprobs_fwd.default, (x, y, 1.25, -100))
+    with pytest.raises(ValueError, match="logits"):
+        token_logprobs(x.detach().index_fill(0, torch.tensor([1], device="cuda"), float("nan")), y)
