@@ -1,0 +1,88 @@
+"""Confidence and advantages for GRPO and ICPO (SPEC steps 3-7) on top of :mod:`icpo.ops`.
+
+Responses are grouped per prompt: by default consecutive blocks of ``group_size`` (the rollout
+engines return the n samples of a prompt consecutively); ragged groups (e.g. after dropping
+some prompts) go through ``group_offsets`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from icpo import ops
+from icpo.algorithms.losses import _check_tokens, check_packed, seq_ids_from_cu_seqlens
+from icpo.ops import ICPOAdvantages
+
+ALGORITHMS = ("icpo", "grpo")
+CONFIDENCE_KINDS = ("mean_logprob", "log_mean_prob")
+
+
+@torch.no_grad()
+def confidence_from_logprobs(logp: torch.Tensor, cu_seqlens: torch.Tensor,
+                             kind: str = "mean_logprob") -> torch.Tensor:
+    """Length-normalized confidence of each response (SPEC step 3, Eq. 6-7), fp32 ``[B]``, <= 0.
+
+    Args:
+        logp: float ``[T]`` packed log-probs of the sampled response tokens under the policy
+            that sampled them (at the sampling temperature).
+        cu_seqlens: int32/int64 ``[B+1]`` response boundaries.
+        kind: ``mean_logprob`` (default; the paper's printed numbers) = mean of logp;
+            ``log_mean_prob`` (Eq. 7 as printed) = log of the mean token probability,
+            computed as ``m + log(mean(exp(logp - m)))`` with m the response's max log-prob.
+
+    No gradient flows through the result: it is a reward input.
+    """
+    _check_tokens(logp=logp)
+    check_packed(cu_seqlens, logp.numel())
+    if kind not in CONFIDENCE_KINDS:
+        raise ValueError(f"confidence kind must be one of {CONFIDENCE_KINDS}, got {kind!r}")
+    logp = logp.detach().float()
+    if kind == "mean_logprob":
+        return ops.segment_mean(logp, cu_seqlens)
+    seq_ids = seq_ids_from_cu_seqlens(cu_seqlens).to(logp.device)
+    num_seqs = cu_seqlens.numel() - 1
+    seq_max = torch.full((num_seqs,), float("-inf"), device=logp.device)
+    seq_max = seq_max.scatter_reduce(0, seq_ids, logp, reduce="amax")
+    shifted = torch.exp(logp - seq_max[seq_ids])
+    # Each mean includes its own max term exp(0) = 1, so it is >= 1/L: the log is finite.
+    return (seq_max + torch.log(ops.segment_mean(shifted, cu_seqlens))).clamp(max=0.0)
+
+
+def compute_advantages(confidence: torch.Tensor | None, rewards: torch.Tensor,
+                       group_size: int | None, algo_cfg: Any, omega: float, *,
+                       group_offsets: torch.Tensor | None = None) -> ICPOAdvantages:
+    """Scores, final rewards and advantages of N responses, each ``[N]`` (an ``ICPOAdvantages``).
+
+    Args:
+        confidence: float ``[N]`` (<= 0), from :func:`confidence_from_logprobs`; may be None
+            for GRPO.
+        rewards: float ``[N]`` verifiable rewards R_verif.
+        group_size: G, responses per prompt in consecutive blocks (None with group_offsets).
+        algo_cfg: has ``name`` ("icpo" | "grpo"), ``delta`` (resolved to a float, see
+            :func:`icpo.algorithms.default_delta`), ``tau``, ``scale_advantages``,
+            ``unbiased_std``, ``eps`` (e.g. ``icpo.config.AlgorithmConfig``).
+        omega: weight of the preference score at this step (:func:`icpo.algorithms.omega_at`).
+        group_offsets: int ``[num_groups+1]`` ragged group boundaries instead of group_size.
+
+    ICPO: ``icpo.ops.icpo_advantages`` (Eq. 9, 11, 5). GRPO: ``icpo.ops.grpo_advantages``
+    with scores all 0 and rewards unchanged. With omega = 0 ICPO gives GRPO's advantages.
+    """
+    name = algo_cfg.name
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm name must be one of {ALGORITHMS}, got {name!r}")
+    norm = dict(scale=bool(algo_cfg.scale_advantages), unbiased=bool(algo_cfg.unbiased_std),
+                eps=float(algo_cfg.eps))
+    if name == "grpo":
+        adv = ops.grpo_advantages(rewards, group_size, group_offsets=group_offsets, **norm)
+        return ICPOAdvantages(torch.zeros_like(rewards), rewards, adv)
+    if confidence is None:
+        raise ValueError("confidence is required for algorithm 'icpo'")
+    if algo_cfg.delta is None:
+        raise ValueError("algorithm delta is None: resolve it first, e.g. "
+                         "default_delta(num_params) from icpo.algorithms")
+    out = ops.icpo_advantages(confidence, rewards, group_size, group_offsets=group_offsets,
+                              delta=float(algo_cfg.delta), tau=float(algo_cfg.tau),
+                              omega=float(omega), **norm)
+    return ICPOAdvantages(*out)
