@@ -1,0 +1,108 @@
+"""Atomic checkpoints: everything a step needs to continue exactly.
+
+Layout of ``<output_dir>/checkpoints/step_000010/``:
+  ``model/``        the policy in Hugging Face format (``from_pretrained`` loads it) + tokenizer
+  ``deepspeed/``    DeepSpeed's engine state: optimizer, lr schedule, ZeRO partitions
+  ``trainer_state.json``  step, data-sampler position, config
+  ``rng_rank{r}.pt``      Python / NumPy / torch RNG states of each rank
+Everything is written into ``.step_000010.tmp`` first and renamed once complete, so a crash
+never leaves a half-written checkpoint that ``--resume`` could pick up. ``latest`` names the
+newest complete one. Multi-node runs need ``output_dir`` on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icpo.trainer import distributed as dist
+
+_DS_TAG = "state"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_hf_model(actor, tokenizer, out: Path) -> None:
+    """The policy as a Hugging Face folder; under ZeRO-3 the full weights are gathered to rank 0."""
+    module = actor.module
+    state_dict = None
+    if actor.zero_optimization_stage() == 3:
+        state_dict = actor._zero3_consolidated_16bit_state_dict()
+    if dist.rank() == 0:
+        module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; returns its final path."""
+    name = f"step_{step:06d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    _save_hf_model(actor, tokenizer, tmp / "model")
+    actor.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / "latest", name)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = the newest complete one in ``output_dir``
+    (None if there is none), else the given checkpoint folder, which must exist."""
+    if resume == "auto":
+        latest = output_dir / "checkpoints" / "latest"
+        return output_dir / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete icpo checkpoint "
+                                "(no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, actor) -> dict[str, Any]:
+    """Restore engine, optimizer, schedule and this rank's RNG from ``path``; returns the
+    trainer state saved with it."""
+    load_path, _ = actor.load_checkpoint(str(path / "deepspeed"), tag=_DS_TAG,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed state in {path / 'deepspeed'}")
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,50 @@
+"""A PNG of a run's curves from its ``metrics.jsonl`` (reward, held-out accuracy, entropy, omega)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PANELS = (("reward/mean", "reward"), ("val/accuracy", "held-out accuracy"),
+          ("entropy", "entropy"), ("omega", "omega"))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a malformed line is an error naming file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return rows
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
+    """Write a 2x2 figure of :data:`PANELS` over steps to ``out_png`` (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, label) in zip(axes.flat, PANELS):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,310 @@
+"""The GRPO / ICPO training loop: rollout, score, advantages, PPO updates, sync, log, save.
+
+One step (shared/DESIGN.md): sample G responses per prompt; verifiable rewards (+ optional
+noise / coarse filter); old log-probs and entropy with the fused kernel on packed sequences;
+confidence = segment mean of old log-probs; reference log-probs; ICPO or GRPO advantages;
+``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts, each a DeepSpeed
+step over token-budget micro-batches; weights pushed to the rollout engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icpo import ops
+from icpo.algorithms import compute_advantages, default_delta, grpo_loss, omega_at
+from icpo.config import Config, save_config
+from icpo.data import PromptDataset, PromptSampler, load_files
+from icpo.rewards import RewardFn, add_reward_noise, coarse_group_mask
+from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
+from icpo.trainer import checkpoint as ckpt
+from icpo.trainer import distributed as dist
+from icpo.trainer.batching import micro_batches
+from icpo.trainer.evaluate import evaluate
+from icpo.trainer.metrics import MetricsLogger, tensor_stats
+from icpo.trainer.scoring import response_logprobs, score_all
+from icpo.models import resolve_model_path
+from icpo.trainer.setup import build_engines, load_tokenizer
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A per-(step, rank) seed: every step's randomness is a function of where it is, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+@dataclass
+class Rollout:
+    """One step's samples on this rank, groups of G consecutive (prompt, response) pairs."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    records: list[Any]
+    finish_reasons: list[str]
+
+
+class Trainer:
+    """Trains ``cfg.model.path`` with ``cfg.algorithm.name`` (``icpo`` or ``grpo``)."""
+
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
+        self.output_dir = Path(cfg.trainer.output_dir)
+        torch.manual_seed(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.train_data = PromptDataset(load_files(cfg.data.train_files, cfg.data), self.tokenizer, cfg.data)
+        self.val_data = None
+        if cfg.data.val_files:
+            val = load_files(cfg.data.val_files, cfg.data)[: cfg.data.val_max_samples or None]
+            self.val_data = PromptDataset(val, self.tokenizer, cfg.data)
+        if cfg.trainer.train_batch_size % self.world:
+            raise ValueError(f"trainer.train_batch_size={cfg.trainer.train_batch_size} must be "
+                             f"divisible by the number of processes ({self.world})")
+        self.local_prompts = cfg.trainer.train_batch_size // self.world
+        self.mini_prompts = max(1, cfg.actor.ppo_mini_batch_size // self.world)
+        minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
+        self.engines = build_engines(cfg, self.device, cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
+        self.delta = (cfg.algorithm.delta if cfg.algorithm.delta is not None
+                      else default_delta(self.engines.num_params))
+        self.sampler = PromptSampler(len(self.train_data), cfg.trainer.train_batch_size,
+                                     cfg.data.shuffle, cfg.data.seed)
+        self.reward_fn = RewardFn(cfg.reward)
+        self.rollout = make_rollout_engine(cfg, self.engines.actor.module, self.tokenizer,
+                                           zero_stage=cfg.trainer.zero_stage,
+                                           model_path=resolve_model_path(cfg.model.path))
+        self.step = 0
+        if resume:
+            path = ckpt.find_checkpoint(resume, self.output_dir)
+            if path is not None:
+                state = ckpt.load_checkpoint(path, self.engines.actor)
+                self.step = state["step"]
+                self.sampler.load_state_dict(state["sampler"])
+                self._sync_weights()
+        self.logger = MetricsLogger(
+            self.output_dir, enabled=self.rank == 0, total_steps=cfg.trainer.total_steps,
+            start_step=self.step, tensorboard=cfg.trainer.tensorboard,
+            wandb_project=cfg.trainer.wandb_project, progress_bar=cfg.trainer.progress_bar,
+            config=cfg.to_dict())
+        if self.rank == 0:
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    # ---------------------------------------------------------------- phases of one step
+    def _sampling(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_response_length,
+                              seed=step_seed(self.cfg.trainer.seed, step, self.rank))
+
+    def _generate(self, step: int) -> Rollout:
+        batch = self.sampler.next_batch()
+        mine = batch[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
+        items = [self.train_data.items[i] for i in mine]
+        self.rollout.wake_up()
+        out = self.rollout.generate([it.prompt_ids for it in items], self._sampling(step))
+        self.rollout.sleep()
+        n = self.cfg.rollout.n
+        records = [items[i // n].record for i in range(len(out.response_ids))]
+        return Rollout(out.prompt_ids, out.response_ids, records, out.finish_reasons)
+
+    def _rewards(self, ro: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        texts = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+        rb = self.reward_fn(ro.records, texts)
+        rewards, stats = rb.score.float(), {}
+        r = self.cfg.reward
+        if r.noise_fraction > 0:
+            gen = torch.Generator().manual_seed(step_seed(r.noise_seed, step, self.rank))
+            rewards, noised = add_reward_noise(rewards, r.noise_fraction, r.noise_magnitude, gen)
+            stats["reward/noised_frac"] = noised.float().mean().item()
+        return rewards, rb.acc.float(), stats
+
+    def _keep_groups(self, ro: Rollout, rewards: torch.Tensor, acc: torch.Tensor):
+        """Coarse-grained setting: keep only groups whose G rewards are all equal."""
+        n = self.cfg.rollout.n
+        keep = coarse_group_mask(rewards, n)
+        idx = [i for g in torch.nonzero(keep).flatten().tolist() for i in range(g * n, (g + 1) * n)]
+        sub = Rollout([ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
+                      [ro.records[i] for i in idx], [ro.finish_reasons[i] for i in idx])
+        return sub, rewards[idx], acc[idx], keep.float().mean().item()
+
+    def _update(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int) -> dict:
+        """``ppo_epochs`` passes over mini-batches of prompts; each a DeepSpeed step."""
+        cfg, actor, n = self.cfg, self.engines.actor, self.cfg.rollout.n
+        num_groups = len(ro.response_ids) // n
+        offsets = resp_cu.tolist()
+        sums: dict[str, float] = {}
+        steps = 0
+        gen = torch.Generator().manual_seed(step_seed(cfg.trainer.seed + 1, step, self.rank))
+        for _ in range(cfg.actor.ppo_epochs):
+            order = torch.randperm(num_groups, generator=gen).tolist()
+            for start in range(0, max(num_groups, 1), self.mini_prompts):
+                groups = order[start:start + self.mini_prompts]
+                idx = [g * n + j for g in groups for j in range(n)]
+                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok) -> dict:
+        cfg, actor = self.cfg, self.engines.actor
+        tok_idx = lambda i: range(offsets[i], offsets[i + 1])  # noqa: E731
+        local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
+        global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
+        sums: dict[str, float] = {}
+        for mb in micro_batches(ro.prompt_ids, ro.response_ids, idx,
+                                cfg.actor.max_tokens_per_micro_batch):
+            sel = torch.tensor([t for i in mb.idx for t in tok_idx(i)], dtype=torch.int64)
+            mb = mb.to(self.device)
+            logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
+                                          with_entropy=cfg.actor.entropy_coef > 0)
+            loss, m = grpo_loss(
+                logp, old_logp[sel].to(self.device),
+                None if ref_logp is None else ref_logp[sel].to(self.device), ent,
+                adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
+                cfg.rollout.max_response_length, global_tokens=global_tokens,
+                global_seqs=global_seqs)
+            actor.backward(loss, scale_wrt_gas=False)
+            # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
+            # means of this micro-batch, weighted here by its token count.
+            w = m.pop("num_tokens")
+            m.pop("num_seqs", None)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else w)
+            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        tokens = sums.pop("_tokens")
+        sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
+        grad_norm = None
+        if actor.zero_optimization_stage() == 0:
+            grads = [p.grad for p in actor.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
+        actor.step()
+        if grad_norm is None:
+            gn = actor.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+        sums["actor/grad_norm"] = grad_norm
+        sums["actor/lr"] = self.engines.optimizer.param_groups[0]["lr"]
+        return sums
+
+    def _sync_weights(self) -> None:
+        """Push the updated policy into the rollout engine; the HF engine shares the module."""
+        if isinstance(self.rollout, HFRolloutEngine):
+            return
+        from icpo.rollout.vllm_engine import iter_full_parameters
+
+        self.rollout.load_weights(iter_full_parameters(self.engines.actor.module,
+                                                       self.cfg.trainer.zero_stage))
+
+    # ---------------------------------------------------------------- the step
+    def train_step(self) -> dict[str, Any]:
+        cfg, step, t = self.cfg, self.step, {}
+        torch.manual_seed(step_seed(cfg.trainer.seed, step, self.rank))
+        is_icpo = cfg.algorithm.name == "icpo"
+        omega = omega_at(step, cfg.trainer.total_steps, cfg.algorithm.omega) if is_icpo else 0.0
+        t0 = time.perf_counter()
+        ro = self._generate(step)
+        t["time/generation"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rewards, acc, metrics = self._rewards(ro, step)
+        metrics.update(self._rollout_metrics(ro, rewards, acc))
+        if cfg.reward.coarse_filter:
+            ro, rewards, acc, kept = self._keep_groups(ro, rewards, acc)
+            metrics["coarse/kept_group_frac"] = kept
+        t["time/reward"] = time.perf_counter() - t1
+        if ro.response_ids:
+            metrics.update(self._learn(ro, rewards, omega, t, step))
+        self._sync_weights()
+        t["time/step"] = time.perf_counter() - t0
+        n_tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, ro.response_ids)))]))
+        metrics["perf/tokens_per_s"] = n_tokens.item() / t["time/step"]
+        metrics["omega"], metrics["delta"] = omega, self.delta
+        return {**metrics, **t}
+
+    def _learn(self, ro: Rollout, rewards, omega: float, t: dict, step: int) -> dict:
+        cfg, n = self.cfg, self.cfg.rollout.n
+        batches = micro_batches(ro.prompt_ids, ro.response_ids, list(range(len(ro.response_ids))),
+                                cfg.actor.max_tokens_per_micro_batch)
+        batches = [b.to(self.device) for b in batches]
+        t0 = time.perf_counter()
+        old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature)
+        resp_cu = torch.zeros(len(ro.response_ids) + 1, dtype=torch.int64)
+        resp_cu[1:] = torch.tensor([len(r) for r in ro.response_ids]).cumsum(0)
+        t["time/old_logprob"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref_logp = None
+        if self.engines.reference is not None:
+            ref_logp, _ = score_all(self.engines.reference, batches, cfg.rollout.temperature,
+                                    with_entropy=False)
+        t["time/ref_logprob"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        old_logp, entropy = old_logp.cpu(), entropy.cpu()
+        ref_logp = None if ref_logp is None else ref_logp.cpu()
+        confidence = ops.segment_mean(old_logp, resp_cu)
+        if cfg.algorithm.confidence == "log_mean_prob":
+            confidence = torch.log(ops.segment_mean(old_logp.exp(), resp_cu)).clamp(max=0.0)
+        algo = dataclasses.replace(cfg.algorithm, delta=self.delta)
+        adv = compute_advantages(confidence, rewards, n, algo, omega)
+        lengths = resp_cu.diff()
+        adv_tok = adv.advantages.repeat_interleave(lengths)
+        t["time/advantages"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = self._update(ro, old_logp, ref_logp, adv_tok, resp_cu, step)
+        t["time/update"] = time.perf_counter() - t0
+        metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
+        metrics.update(tensor_stats("reward/final", dist.all_gather_floats(adv.rewards)))
+        metrics.update(tensor_stats("advantage", dist.all_gather_floats(adv.advantages)))
+        metrics.update(tensor_stats("confidence", dist.all_gather_floats(confidence)))
+        ent = dist.all_reduce_sum(torch.tensor([entropy.double().sum().item(), entropy.numel()]))
+        metrics["entropy"] = (ent[0] / ent[1]).item()
+        return metrics
+
+    def _rollout_metrics(self, ro: Rollout, rewards, acc) -> dict[str, float]:
+        n = self.cfg.rollout.n
+        all_rewards = dist.all_gather_floats(rewards)
+        lengths = dist.all_gather_floats(torch.tensor([len(r) for r in ro.response_ids], dtype=torch.float64))
+        clipped = dist.all_gather_floats(torch.tensor([f == "length" for f in ro.finish_reasons], dtype=torch.float64))
+        groups = all_rewards.view(-1, n)
+        return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(correction=0).item(),
+                "accuracy": dist.all_gather_floats(acc).mean().item(),
+                "response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
+                "response_length/clip_ratio": clipped.mean().item(),
+                "zero_std_group_frac": (groups.std(dim=1, correction=0) == 0).double().mean().item()}
+
+    # ---------------------------------------------------------------- the run
+    def evaluate(self) -> float:
+        """mean@val_n accuracy of the current policy on the held-out prompts."""
+        return evaluate(self.rollout, self.tokenizer, self.val_data, self.reward_fn, self.cfg.rollout,
+                        rank=self.rank, world=self.world)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}
+        return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
+                                    self.tokenizer, state)
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run to ``trainer.total_steps``; returns the logged metrics of the steps run here."""
+        cfg, history = self.cfg.trainer, []
+        try:
+            if self.step == 0 and self.val_data is not None and cfg.eval_every:
+                before = {"val/accuracy": self.evaluate()}
+                self.logger.log(0, before, advance=False)
+                history.append({"step": 0, **before})
+            while self.step < cfg.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                last = self.step == cfg.total_steps
+                if self.val_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    metrics["val/accuracy"] = self.evaluate()
+                self.logger.log(self.step, metrics)
+                history.append({"step": self.step, **metrics})
+                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+        finally:
+            self.logger.close()
+        return history
