@@ -21,6 +21,7 @@ class PackedBatch:
     input_ids / position_ids: int64 ``[T]``. score_positions: int64 ``[T_resp]``, the positions
     whose logits score a response token; labels: int64 ``[T_resp]``, those tokens.
     resp_cu_seqlens: int64 ``[B+1]`` over the response tokens (packed response order).
+    seq_cu_seqlens: int64 ``[B+1]`` over the whole samples (prompt + response) in the row.
     """
 
     idx: list[int]
@@ -29,6 +30,7 @@ class PackedBatch:
     score_positions: torch.Tensor
     labels: torch.Tensor
     resp_cu_seqlens: torch.Tensor
+    seq_cu_seqlens: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -37,13 +39,13 @@ class PackedBatch:
     def to(self, device: torch.device) -> "PackedBatch":
         return PackedBatch(self.idx, *(t.to(device) for t in (
             self.input_ids, self.position_ids, self.score_positions, self.labels,
-            self.resp_cu_seqlens)))
+            self.resp_cu_seqlens, self.seq_cu_seqlens)))
 
 
 def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]],
                  idx: list[int]) -> PackedBatch:
     """Pack samples ``idx`` (each a non-empty response after its prompt) into one row."""
-    ids, pos, score_pos, labels, resp_lens = [], [], [], [], []
+    ids, pos, score_pos, labels, resp_lens, seq_lens = [], [], [], [], [], []
     offset = 0
     for i in idx:
         prompt, response = prompt_ids[i], response_ids[i]
@@ -56,11 +58,17 @@ def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]],
         score_pos.extend(range(start, start + len(response)))
         labels.extend(response)
         resp_lens.append(len(response))
+        seq_lens.append(len(seq))
         offset += len(seq)
-    cu = torch.zeros(len(idx) + 1, dtype=torch.int64)
-    cu[1:] = torch.tensor(resp_lens, dtype=torch.int64).cumsum(0)
     as_long = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
-    return PackedBatch(list(idx), as_long(ids), as_long(pos), as_long(score_pos), as_long(labels), cu)
+    return PackedBatch(list(idx), as_long(ids), as_long(pos), as_long(score_pos), as_long(labels),
+                       _cumsum0(resp_lens), _cumsum0(seq_lens))
+
+
+def _cumsum0(lengths: list[int]) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return cu
 
 
 def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:

@@ -1,8 +1,13 @@
 """Per-token log-probs and entropy of response tokens for packed micro-batches.
 
-The decoder body runs on the whole packed row, but the LM head only on the positions that score
-a response token, so no ``[T, V]`` logits are ever built for prompt tokens; the fused
+The decoder body runs on the micro-batch, but the LM head only on the positions that score a
+response token, so no ``[T, V]`` logits are ever built for prompt tokens; the fused
 ``icpo.ops.token_logprobs`` kernel then reads those logits once.
+
+With flash-attention the micro-batch runs as one packed row (varlen kernels, no padding). Other
+attention implementations (SDPA, eager: CPU) would need a dense ``T x T`` block-diagonal mask for
+a packed row, quadratic in the micro-batch's tokens, so there the samples run as a right-padded
+``[B, L]`` batch and the hidden states are re-packed; the results are the same.
 """
 
 from __future__ import annotations
@@ -31,11 +36,24 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
     taken under the distribution the responses were drawn from (SPEC step 3).
     """
     body, head = _body_and_head(model)
-    hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                  use_cache=False).last_hidden_state[0]
+    if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
+        hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                      use_cache=False).last_hidden_state[0]
+    else:
+        hidden = _padded_hidden(body, batch)
     logits = head(hidden.index_select(0, batch.score_positions))
     return ops.token_logprobs(logits, batch.labels, temperature=temperature,
                               return_entropy=with_entropy)
+
+
+def _padded_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Hidden states ``[T, H]`` in packed order, computed on a right-padded ``[B, L]`` batch."""
+    padded, mask = ops.unpack_to_padded(batch.input_ids, batch.seq_cu_seqlens)
+    mask = mask.to(torch.long)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = body(input_ids=padded, attention_mask=mask, position_ids=positions,
+                  use_cache=False).last_hidden_state
+    return hidden[mask.bool()]
 
 
 @torch.no_grad()

@@ -120,7 +120,9 @@ class Trainer:
         if r.noise_fraction > 0:
             gen = torch.Generator().manual_seed(step_seed(r.noise_seed, step, self.rank))
             rewards, noised = add_reward_noise(rewards, r.noise_fraction, r.noise_magnitude, gen)
-            stats["reward/noised_frac"] = noised.float().mean().item()
+            # Counted over all ranks in float64 so it reads exactly round(f * N) / N.
+            count = dist.all_reduce_sum(torch.tensor([noised.sum().item(), noised.numel()]))
+            stats["reward/noised_frac"] = (count[0] / count[1]).item()
         return rewards, rb.acc.float(), stats
 
     def _keep_groups(self, ro: Rollout, rewards: torch.Tensor, acc: torch.Tensor):
