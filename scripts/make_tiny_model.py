@@ -34,16 +34,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from icpo.models import bundled_model_dir
 from icpo.tasks.arithmetic import Difficulty, gold_response, iter_expressions, question, solve
 
-try:
-    from icpo.data.templates import R1_SYSTEM_PROMPT
-except ImportError:  # icpo.data not written yet: the same Table 5 text, wrapped lines joined.
-    R1_SYSTEM_PROMPT = (
-        "A conversation between User and Assistant. The user asks a question, and the Assistant "
-        "solves it. The assistant first thinks about the reasoning process in the mind and then "
-        "provides the user with the answer. The reasoning process and answer are enclosed within "
-        "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-        "process here </think> <answer> answer here </answer>."
-    )
+from icpo.data.templates import R1_SYSTEM_PROMPT
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen-style; with no system message the R1 system prompt is inserted, as the model was trained.

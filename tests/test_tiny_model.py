@@ -13,16 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from icpo.models import TINY_MODEL, bundled_model_dir, resolve_model_path
 from icpo.tasks.arithmetic import make_records
 
-try:
-    from icpo.data.templates import R1_SYSTEM_PROMPT
-except ImportError:  # Table 5 of the paper, wrapped lines joined by spaces
-    R1_SYSTEM_PROMPT = (
-        "A conversation between User and Assistant. The user asks a question, and the Assistant "
-        "solves it. The assistant first thinks about the reasoning process in the mind and then "
-        "provides the user with the answer. The reasoning process and answer are enclosed within "
-        "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-        "process here </think> <answer> answer here </answer>."
-    )
+from icpo.data.templates import R1_SYSTEM_PROMPT
 
 RESPONSE_RE = re.compile(r"^<think> \S.* </think> <answer> (-?\d+) </answer>$")
 MODEL_DIR = resolve_model_path(TINY_MODEL)
