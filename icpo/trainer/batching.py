@@ -71,6 +71,18 @@ def _cumsum0(lengths: list[int]) -> torch.Tensor:
     return cu
 
 
+def segment_positions(cu_seqlens: torch.Tensor, segments: list[int] | torch.Tensor) -> torch.Tensor:
+    """Positions, in a packed stream with offsets ``cu_seqlens`` (int64 ``[N+1]``), of the elements
+    of ``segments`` (segment indices), segment after segment: int64 ``[sum of their lengths]``."""
+    seg = torch.as_tensor(segments, dtype=torch.int64, device=cu_seqlens.device)
+    starts = cu_seqlens[seg]
+    lens = cu_seqlens[seg + 1] - starts
+    out_starts = lens.cumsum(0) - lens
+    total = int(lens.sum()) if lens.numel() else 0
+    return (torch.arange(total, device=cu_seqlens.device)
+            + torch.repeat_interleave(starts - out_starts, lens, output_size=total))
+
+
 def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Split sample indices, in order, into consecutive micro-batches of at most ``max_tokens``.
 

@@ -25,7 +25,7 @@ from icpo.rewards import RewardFn, add_reward_noise, coarse_group_mask
 from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
-from icpo.trainer.batching import micro_batches
+from icpo.trainer.batching import micro_batches, pack_samples, segment_positions
 from icpo.trainer.evaluate import evaluate
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.scoring import response_logprobs, score_all
@@ -140,28 +140,34 @@ class Trainer:
         num_groups = len(ro.response_ids) // n
         offsets = resp_cu.tolist()
         sums: dict[str, float] = {}
-        steps = 0
+        counts: dict[str, int] = {}
+        # Every rank must take as many optimizer steps (each reduces gradients over ranks), but
+        # the coarse filter leaves ranks with different numbers of groups: the short ones take
+        # steps on empty mini-batches (zero gradient).
+        local_steps = -(-num_groups // self.mini_prompts)
+        per_epoch = max(1, int(dist.all_gather_floats(torch.tensor([float(local_steps)])).max()))
         gen = torch.Generator().manual_seed(step_seed(cfg.trainer.seed + 1, step, self.rank))
         for _ in range(cfg.actor.ppo_epochs):
             order = torch.randperm(num_groups, generator=gen).tolist()
-            for start in range(0, max(num_groups, 1), self.mini_prompts):
+            for start in range(0, per_epoch * self.mini_prompts, self.mini_prompts):
                 groups = order[start:start + self.mini_prompts]
                 idx = [g * n + j for g in groups for j in range(n)]
                 stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-                steps += 1
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+                    counts[k] = counts.get(k, 0) + 1
+        return {k: v / counts[k] for k, v in sums.items()}
 
     def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok) -> dict:
         cfg, actor = self.cfg, self.engines.actor
-        tok_idx = lambda i: range(offsets[i], offsets[i + 1])  # noqa: E731
+        cu = torch.tensor(offsets, dtype=torch.int64)
         local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
         global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
         sums: dict[str, float] = {}
-        for mb in micro_batches(ro.prompt_ids, ro.response_ids, idx,
-                                cfg.actor.max_tokens_per_micro_batch):
-            sel = torch.tensor([t for i in mb.idx for t in tok_idx(i)], dtype=torch.int64)
+        batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
+                                cfg.actor.max_tokens_per_micro_batch)
+        for mb in batches:
+            sel = segment_positions(cu, mb.idx)  # this micro-batch's tokens in the step's order
             mb = mb.to(self.device)
             logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
                                           with_entropy=cfg.actor.entropy_coef > 0)
@@ -179,7 +185,13 @@ class Trainer:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else w)
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
-        tokens = sums.pop("_tokens")
+        if actor.zero_optimization_partition_gradients():
+            # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
+            # backward passes; token-budget packing gives ranks different micro-batch counts.
+            most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
+            for _ in range(most - len(batches)):
+                self._zero_backward()
+        tokens = sums.pop("_tokens", 0.0)
         sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
         grad_norm = None
         if actor.zero_optimization_stage() == 0:
@@ -193,6 +205,14 @@ class Trainer:
         sums["actor/grad_norm"] = grad_norm
         sums["actor/lr"] = self.engines.optimizer.param_groups[0]["lr"]
         return sums
+
+    def _zero_backward(self) -> None:
+        """A backward pass through the whole model that adds nothing to any gradient."""
+        tok = self.tokenizer.pad_token_id
+        mb = pack_samples([[tok]], [[tok]], [0]).to(self.device)
+        logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
+                                    with_entropy=False)
+        self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
 
     def _sync_weights(self) -> None:
         """Push the updated policy into the rollout engine; the HF engine shares the module."""
@@ -219,7 +239,9 @@ class Trainer:
             ro, rewards, acc, kept = self._keep_groups(ro, rewards, acc)
             metrics["coarse/kept_group_frac"] = kept
         t["time/reward"] = time.perf_counter() - t1
-        if ro.response_ids:
+        # All ranks learn or none: the update's collectives need every rank, also one whose
+        # groups the coarse filter dropped.
+        if dist.all_reduce_sum(torch.tensor([float(len(ro.response_ids))])).item() > 0:
             metrics.update(self._learn(ro, rewards, omega, t, step))
         self._sync_weights()
         t["time/step"] = time.perf_counter() - t0
