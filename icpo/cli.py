@@ -79,8 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from icpo.config import ConfigError
+    from icpo.data import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        # Bad input the user can fix: one line naming what is wrong, not a traceback.
+        print(f"icpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

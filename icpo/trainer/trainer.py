@@ -132,10 +132,14 @@ class Trainer:
         idx = [i for g in torch.nonzero(keep).flatten().tolist() for i in range(g * n, (g + 1) * n)]
         sub = Rollout([ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
                       [ro.records[i] for i in idx], [ro.finish_reasons[i] for i in idx])
-        return sub, rewards[idx], acc[idx], keep.float().mean().item()
+        kept = dist.all_reduce_sum(torch.tensor([keep.sum().item(), keep.numel()]))  # all ranks
+        return sub, rewards[idx], acc[idx], (kept[0] / kept[1]).item()
 
-    def _update(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int) -> dict:
-        """``ppo_epochs`` passes over mini-batches of prompts; each a DeepSpeed step."""
+    def _update(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int,
+                fused=None) -> dict:
+        """``ppo_epochs`` passes over mini-batches of prompts; each a DeepSpeed step. ``fused``:
+        the (log-prob, entropy) of all samples with grad, when the scoring pass already ran the
+        only mini-batch's forward (see ``_learn``)."""
         cfg, actor, n = self.cfg, self.engines.actor, self.cfg.rollout.n
         num_groups = len(ro.response_ids) // n
         offsets = resp_cu.tolist()
@@ -152,13 +156,14 @@ class Trainer:
             for start in range(0, per_epoch * self.mini_prompts, self.mini_prompts):
                 groups = order[start:start + self.mini_prompts]
                 idx = [g * n + j for g in groups for j in range(n)]
-                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok)
+                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok,
+                                              fused if start == 0 else None)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
         return {k: v / counts[k] for k, v in sums.items()}
 
-    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok) -> dict:
+    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok, fused=None) -> dict:
         cfg, actor = self.cfg, self.engines.actor
         cu = torch.tensor(offsets, dtype=torch.int64)
         local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
@@ -166,11 +171,21 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
                                 cfg.actor.max_tokens_per_micro_batch)
+        padding = 0
+        if actor.zero_optimization_partition_gradients():
+            # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
+            # backward passes; token-budget packing gives ranks different micro-batch counts.
+            most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
+            padding = most - len(batches)
         for mb in batches:
             sel = segment_positions(cu, mb.idx)  # this micro-batch's tokens in the step's order
             mb = mb.to(self.device)
-            logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
-                                          with_entropy=cfg.actor.entropy_coef > 0)
+            if fused is not None:  # this batch's forward already ran, with grad, in _learn
+                logp = fused[0][sel.to(self.device)]
+                ent = fused[1][sel.to(self.device)] if cfg.actor.entropy_coef > 0 else None
+            else:
+                logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
+                                              with_entropy=cfg.actor.entropy_coef > 0)
             loss, m = grpo_loss(
                 logp, old_logp[sel].to(self.device),
                 None if ref_logp is None else ref_logp[sel].to(self.device), ent,
@@ -185,12 +200,8 @@ class Trainer:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else w)
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
-        if actor.zero_optimization_partition_gradients():
-            # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
-            # backward passes; token-budget packing gives ranks different micro-batch counts.
-            most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
-            for _ in range(most - len(batches)):
-                self._zero_backward()
+        for _ in range(padding):
+            self._zero_backward()
         tokens = sums.pop("_tokens", 0.0)
         sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
         grad_norm = None
@@ -256,7 +267,15 @@ class Trainer:
                                 cfg.actor.max_tokens_per_micro_batch)
         batches = [b.to(self.device) for b in batches]
         t0 = time.perf_counter()
-        old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature)
+        fused = None
+        if (cfg.actor.ppo_epochs == 1 and len(batches) == 1
+                and len(ro.response_ids) // n <= self.mini_prompts):
+            # On-policy, one mini-batch, one micro-batch: the update's forward would recompute
+            # exactly these log-probs, so run it once, with grad, and let the update reuse it.
+            fused = response_logprobs(self.engines.actor.module, batches[0], cfg.rollout.temperature)
+            old_logp, entropy = fused[0].detach(), fused[1].detach()
+        else:
+            old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature)
         resp_cu = torch.zeros(len(ro.response_ids) + 1, dtype=torch.int64)
         resp_cu[1:] = torch.tensor([len(r) for r in ro.response_ids]).cumsum(0)
         t["time/old_logprob"] = time.perf_counter() - t0
@@ -278,7 +297,7 @@ class Trainer:
         adv_tok = adv.advantages.repeat_interleave(lengths)
         t["time/advantages"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        metrics = self._update(ro, old_logp, ref_logp, adv_tok, resp_cu, step)
+        metrics = self._update(ro, old_logp, ref_logp, adv_tok, resp_cu, step, fused)
         t["time/update"] = time.perf_counter() - t0
         metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
         metrics.update(tensor_stats("reward/final", dist.all_gather_floats(adv.rewards)))
