@@ -1,0 +1,273 @@
+"""The report of ``run_experiments.py``: per-setting aggregates over seeds, ``results.md``,
+``results.json`` and PNG curves (mean over seeds with a +-1 std band), all written atomically.
+
+A setting is a dict ``{"group", "label", "slug", "algorithm", "run", "runs": [{"seed", "dir"}]}``;
+each run dir holds the trainer's ``metrics.jsonl``. Missing or unfinished seeds are left out
+and the table says how many seeds each line averages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+BONUS = "icpo/bonus"
+"""Derived per step: reward/final/mean - reward/mean, the mean reward ICPO added (0 for GRPO)."""
+DIAG_KEYS = (
+    ("confidence/group_std", "within-group conf. std"),
+    ("confidence/std", "batch conf. std"),
+    ("icpo/score/mean", "score mean"),
+    ("icpo/score/std", "score std"),
+    (BONUS, "ICPO bonus"),
+    ("zero_std_group_frac", "zero-std groups"),
+    ("advantage/std", "adv. std"),
+    ("coarse/kept_group_frac", "kept groups"),
+    ("accuracy", "train acc."),
+)
+"""Diagnostics averaged over the steps of each run, then over seeds; a column whose key no run
+logged is left out of the table."""
+CURVE_PANELS = (("val/accuracy", "held-out accuracy"), ("entropy", "entropy"))
+DIAG_PANELS = (("confidence/std", "confidence std (batch)"), ("icpo/score/mean", "ICPO score mean"),
+               (BONUS, "ICPO bonus (mean reward added)"), ("omega", "omega"),
+               ("zero_std_group_frac", "zero-std group fraction"), ("advantage/std", "advantage std"))
+COMPARED_GROUPS = ("main", "noisy", "coarse")
+
+
+# ------------------------------------------------------------------------------- reading runs
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` plus the derived :data:`BONUS`; bad lines raise ValueError."""
+    from icpo.trainer.plots import read_metrics
+
+    rows = read_metrics(path)
+    for r in rows:
+        final, base = r.get("reward/final/mean"), r.get("reward/mean")
+        # Under the coarse filter reward/final covers only the kept groups, reward/mean all of
+        # them: their difference is not the bonus, so it is not derived there.
+        if _num(final) and _num(base) and "coarse/kept_group_frac" not in r:
+            r[BONUS] = final - base
+    return rows
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` for every row holding a finite number under ``key``, by step."""
+    pts = {int(r["step"]): float(r[key]) for r in rows if "step" in r and _num(r.get(key))}
+    return sorted(pts.items())
+
+
+def final_value(rows: list[dict], key: str) -> float | None:
+    """``key`` at the last step that logged it (None if never logged)."""
+    pts = series(rows, key)
+    return pts[-1][1] if pts else None
+
+
+def step_mean(rows: list[dict], key: str) -> float | None:
+    """Mean of ``key`` over the training steps (step >= 1) that logged it."""
+    vals = [v for s, v in series(rows, key) if s >= 1]
+    return sum(vals) / len(vals) if vals else None
+
+
+def mean_std(values: list[float | None]) -> dict:
+    """Mean and sample std (n-1) over the non-None values; std is 0 for a single value."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def band(runs: list[list[dict]], key: str) -> dict:
+    """Mean and std over runs of ``key`` at the steps every run logged it."""
+    per_run = [dict(series(rows, key)) for rows in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    stats = [mean_std([p[s] for p in per_run]) for s in steps]
+    return {"steps": steps, "mean": [m["mean"] for m in stats], "std": [m["std"] for m in stats]}
+
+
+def load_setting(setting: dict) -> dict[int, list[dict]]:
+    """``seed -> rows`` for the seeds of ``setting`` whose metrics file exists and parses."""
+    out = {}
+    for run in setting["runs"]:
+        path = Path(run["dir"]) / "metrics.jsonl"
+        if path.is_file():
+            out[int(run["seed"])] = read_rows(path)
+    return out
+
+
+# ------------------------------------------------------------------------------- aggregation
+def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
+    """Final held-out accuracy / entropy and step-mean diagnostics of one setting over seeds."""
+    seeds = sorted(by_seed)
+    per_seed = [{"seed": k,
+                 "initial_val_acc": dict(series(by_seed[k], "val/accuracy")).get(0),
+                 "final_val_acc": final_value(by_seed[k], "val/accuracy"),
+                 "final_entropy": final_value(by_seed[k], "entropy"),
+                 "last_step": max((int(r.get("step", 0)) for r in by_seed[k]), default=0),
+                 "diagnostics": {key: step_mean(by_seed[k], key) for key, _ in DIAG_KEYS}}
+                for k in seeds]
+    pick = lambda name: [p[name] for p in per_seed]  # noqa: E731
+    return {**{k: setting[k] for k in ("group", "label", "slug", "algorithm", "run")},
+            "per_seed": per_seed,
+            "final_val_acc": mean_std(pick("final_val_acc")),
+            "final_entropy": mean_std(pick("final_entropy")),
+            "initial_val_acc": mean_std(pick("initial_val_acc")),
+            "diagnostics": {key: mean_std([p["diagnostics"][key] for p in per_seed])["mean"]
+                            for key, _ in DIAG_KEYS},
+            "curves": {key: band([by_seed[k] for k in seeds], key)
+                       for key, _ in CURVE_PANELS + DIAG_PANELS}}
+
+
+def compare(summaries: list[dict]) -> list[dict]:
+    """ICPO minus GRPO final held-out accuracy per compared group, paired by seed (both
+    algorithms of a seed see the same prompts in the same order)."""
+    out = []
+    for group in COMPARED_GROUPS:
+        lines = {s["algorithm"]: s for s in summaries if s["group"] == group}
+        if set(lines) != {"grpo", "icpo"}:
+            continue
+        acc = {a: {p["seed"]: p["final_val_acc"] for p in s["per_seed"] if p["final_val_acc"] is not None}
+               for a, s in lines.items()}
+        seeds = sorted(set(acc["grpo"]) & set(acc["icpo"]))
+        diffs = [acc["icpo"][k] - acc["grpo"][k] for k in seeds]
+        out.append({"group": group, "seeds": seeds, "diffs": diffs, **mean_std(diffs),
+                    "icpo_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)})
+    return out
+
+
+# ------------------------------------------------------------------------------- rendering
+def _pm(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _cell(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) -> str:
+    """``results.md``: results table, ICPO - GRPO comparisons, diagnostics table, how to read it."""
+    lines = ["# Experiments: GRPO vs ICPO on the tiny model", "",
+             f"Mode `{meta.get('mode')}`, preset `{meta.get('preset')}`, seeds {meta.get('seeds')}"
+             + (f", mode overrides `{' '.join(meta['mode_overrides'])}`" if meta.get("mode_overrides") else "")
+             + ". Mean ± sample std over seeds; *final* = the last step that logged the value.", "",
+             "## Results", "",
+             "| group | setting | algorithm | final held-out acc. | final entropy | initial acc. | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['group']} | {s['label']} | {s['algorithm'].upper()} | {_pm(s['final_val_acc'])} "
+                     f"| {_pm(s['final_entropy'])} | {_cell(s['initial_val_acc']['mean'])} "
+                     f"| {s['final_val_acc']['n']} |")
+    if comparisons:
+        lines += ["", "## ICPO - GRPO (final held-out accuracy, paired by seed)", "",
+                  "| group | difference (points) | ICPO better in | per seed |", "|---|---|---|---|"]
+        for c in comparisons:
+            per = ", ".join(f"{d * 100:+.1f}" for d in c["diffs"])
+            lines.append(f"| {c['group']} | {_pm(c, 100, 1)} | {c['icpo_wins']}/{len(c['diffs'])} seeds | {per} |")
+    cols = [(k, label) for k, label in DIAG_KEYS if any(s["diagnostics"][k] is not None for s in summaries)]
+    if cols:
+        lines += ["", "## Why: diagnostics (mean over training steps, then over seeds)", "",
+                  "| group | setting | " + " | ".join(label for _, label in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for s in summaries:
+            lines.append(f"| {s['group']} | {s['label']} | "
+                         + " | ".join(_cell(s["diagnostics"][k]) for k, _ in cols) + " |")
+    lines += ["", "How to read the diagnostics:",
+              "- *conf. std*: spread of response confidence (mean token log-prob). `batch conf. std` "
+              "is over all responses of a step, an upper bound on the within-group spread that ICPO's "
+              "preference score (Eq. 9) feeds on; when it is small, ICPO's scores are nearly equal "
+              "within a group and ICPO behaves like GRPO.",
+              "- *score mean / std*: ICPO's preference advantage score S (0 for GRPO); *ICPO bonus*: "
+              "mean reward ICPO added, omega * min(S, |R|/tau), bounded by the reward itself.",
+              "- *zero-std groups*: fraction of prompts whose G rewards are all equal. GRPO gets no "
+              "gradient from those groups; ICPO can, through the confidence bonus, when |R| > 0."]
+    if any(k == "coarse/kept_group_frac" for k, _ in cols):
+        lines.append("- *kept groups*: coarse setting, fraction of prompts kept (all G rewards equal); "
+                     "the bonus is not derivable from the logged means there (n/a).")
+    return "\n".join(lines + [""])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_group(path: Path, title: str, summaries: list[dict], panels) -> Path | None:
+    """One panel per ``(key, label)`` of ``panels``, one line (mean, +-std band) per setting;
+    None (nothing written) when no setting logged any of the keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(s["curves"][k]["steps"] for s in summaries for k, _ in panels):
+        return None
+    cols = 2 if len(panels) <= 4 else 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for s in summaries:
+            c = s["curves"][key]
+            if not c["steps"]:
+                continue
+            lo = [m - d for m, d in zip(c["mean"], c["std"])]
+            hi = [m + d for m, d in zip(c["mean"], c["std"])]
+            (line,) = ax.plot(c["steps"], c["mean"], marker="o" if len(c["steps"]) < 25 else None,
+                              ms=3, label=f"{s['label']} (n={s['final_val_acc']['n']})")
+            ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(exp_dir: str | Path, settings: list[dict], meta: dict) -> list[Path]:
+    """Aggregate ``settings`` and write results.md, results.json and plots under ``exp_dir``;
+    returns the paths written."""
+    exp_dir = Path(exp_dir)
+    summaries = [summarize(s, load_setting(s)) for s in settings]
+    comparisons = compare(summaries)
+    written = [exp_dir / "results.md", exp_dir / "results.json"]
+    _write_atomic(written[0], render_markdown(summaries, comparisons, meta))
+    payload = {"meta": meta, "settings": summaries, "comparisons": comparisons}
+    _write_atomic(written[1], json.dumps(_jsonable(payload), indent=1) + "\n")
+    for group in dict.fromkeys(s["group"] for s in summaries):
+        members = [s for s in summaries if s["group"] == group]
+        written.append(plot_group(exp_dir / "plots" / f"{group}.png",
+                                  f"{group}: held-out accuracy and entropy", members, CURVE_PANELS))
+        if group in COMPARED_GROUPS:
+            written.append(plot_group(exp_dir / "plots" / f"diagnostics_{group}.png",
+                                      f"{group}: why (GRPO vs ICPO)", members, DIAG_PANELS))
+    return [p for p in written if p is not None]

@@ -1,0 +1,343 @@
+"""The paper's comparisons in miniature, on the bundled tiny model and the arithmetic task.
+
+Settings (each run with >= 3 seeds; a seed sets trainer.seed, data.seed and reward.noise_seed):
+
+- main:   GRPO vs ICPO with clean rewards
+- noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (SPEC.md)
+- coarse: GRPO vs ICPO on prompts whose G rewards are all equal (reward.coarse_filter=true)
+- omega:  ICPO with each omega schedule (warmup_decay, warmup_retention, linear_decay, constant)
+- delta:  ICPO with delta in {0.3, 0.4, 0.5, 0.6}
+
+Runs whose effective configs are identical (ICPO clean = ICPO warmup_decay = ICPO with the
+preset's delta) are run once and shared. Each run is a subprocess of ``examples/train_icpo.py``
+(so its memory is returned), one after another; a run whose ``metrics.jsonl`` reaches the final
+step with the same config is skipped, so an interrupted invocation resumes where it stopped::
+
+    python examples/run_experiments.py                 # everything, the preset's steps (< 2 h)
+    python examples/run_experiments.py --quick         # GRPO vs ICPO only, short runs (< 15 min)
+    python examples/run_experiments.py --only noisy,coarse --out outputs/exp
+    python examples/run_experiments.py --dry-run       # print the plan and the time estimate
+    python examples/run_experiments.py --report-only   # rebuild the report from finished runs
+
+Writes under ``--out`` (default ``outputs/experiments``, ``outputs/experiments_quick`` with
+``--quick``): ``runs/<name>_seed<k>/`` (metrics,
+config, train.log), ``results.md``, ``results.json`` and ``plots/*.png`` (see
+``experiment_report.py`` next to this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import experiment_report as report  # noqa: E402  (sibling module; examples/ is not a package)
+
+TRAIN_SCRIPT = HERE / "train_icpo.py"
+PRESET = HERE / "configs" / "tiny_cpu.yaml"
+NOISE = ("reward.noise_fraction=0.4", "reward.noise_magnitude=0.3")
+SCHEDULES = ("warmup_decay", "warmup_retention", "linear_decay", "constant")
+DELTAS = (0.3, 0.4, 0.5, 0.6)
+GROUP_NAMES = ("main", "noisy", "coarse", "omega", "delta")
+QUICK_GROUPS = ("main",)
+"""--quick runs only the main GRPO vs ICPO comparison (with all its seeds) unless --only says
+otherwise; the other groups need the full mode's steps to say anything."""
+
+MODE_OVERRIDES = {
+    "full": (),
+    "quick": ("trainer.total_steps=30", "trainer.train_batch_size=24",
+              "actor.ppo_mini_batch_size=24", "trainer.eval_every=5", "data.val_max_samples=100"),
+}
+"""Dotted overrides of each mode on top of the preset (full = the preset's steps and batches)."""
+BUDGET_S = {"full": 2 * 3600, "quick": 15 * 60}
+TRAIN_SIZE, VAL_SIZE = 4000, 200
+"""Generated task sizes, as ``examples/train_icpo.py`` uses them."""
+
+# Cost model from the 2-core development machine (tiny preset, HF engine, fp32). Measured idle:
+# 1.35 s per step of 32 x 8 responses (5.3 ms each: generation, two scoring passes, update),
+# 0.4 s per greedy evaluation of 200 prompts, ~7 s of start-up and final save per process.
+# The constants add ~50 % for the load of a shared machine (steps of 5-8 s were seen under
+# heavy load). Runs report their real times and the printed ETA is rescaled by them.
+STARTUP_S = 8.0
+STEP_S_PER_RESPONSE = 0.008
+EVAL_S_PER_PROMPT = 0.004
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One line of a comparison group: ``overrides`` on top of the preset and the mode."""
+
+    group: str
+    label: str
+    slug: str
+    overrides: tuple[str, ...]
+
+    @property
+    def algorithm(self) -> str:
+        return "grpo" if "algorithm.name=grpo" in self.overrides else "icpo"
+
+
+def all_settings() -> list[Setting]:
+    """Every setting of every group, groups in :data:`GROUP_NAMES` order."""
+    grpo, icpo = ("algorithm.name=grpo",), ("algorithm.name=icpo",)
+    coarse = ("reward.coarse_filter=true",)
+    out = [Setting("main", "GRPO", "grpo_clean", grpo), Setting("main", "ICPO", "icpo_clean", icpo),
+           Setting("noisy", "GRPO", "grpo_noisy", grpo + NOISE),
+           Setting("noisy", "ICPO", "icpo_noisy", icpo + NOISE),
+           Setting("coarse", "GRPO", "grpo_coarse", grpo + coarse),
+           Setting("coarse", "ICPO", "icpo_coarse", icpo + coarse)]
+    out += [Setting("omega", f"ICPO {s}", f"icpo_omega_{s}", icpo + (f"algorithm.omega.schedule={s}",))
+            for s in SCHEDULES]
+    out += [Setting("delta", f"ICPO delta={d}", f"icpo_delta{d}", icpo + (f"algorithm.delta={d}",))
+            for d in DELTAS]
+    return out
+
+
+def select_settings(only: str | None, quick: bool) -> list[Setting]:
+    """Settings named by ``--only`` (group names or setting slugs, comma-separated)."""
+    settings = all_settings()
+    if not only:
+        names = QUICK_GROUPS if quick else GROUP_NAMES
+        return [s for s in settings if s.group in names]
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    known = set(GROUP_NAMES) | {s.slug for s in settings}
+    bad = [w for w in wanted if w not in known]
+    if bad or not wanted:
+        raise ValueError(f"--only: unknown setting(s) {bad or only!r}; expected comma-separated "
+                         f"names from {sorted(known)}")
+    return [s for s in settings if s.group in wanted or s.slug in wanted]
+
+
+@dataclass
+class Run:
+    """One training subprocess: a deduplicated setting at one seed."""
+
+    name: str
+    seed: int
+    overrides: list[str]
+    out_dir: Path
+    total_steps: int
+    estimate_s: float
+
+
+@dataclass
+class Plan:
+    """The runs to execute and, for every setting, the run name whose results it reads."""
+
+    runs: list[Run]
+    run_of: dict[str, str]
+    settings: list[Setting]
+    seeds: list[int]
+    mode_overrides: list[str]
+    preset: Path
+    shared: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def estimate_s(self) -> float:
+        return sum(r.estimate_s for r in self.runs)
+
+
+def estimate_run_seconds(cfg) -> float:
+    """Predicted wall time of one run of ``cfg`` on this machine (see the cost model above)."""
+    t = cfg.trainer
+    evals = 0
+    if cfg.data.val_files and t.eval_every:
+        evals = 1 + t.total_steps // t.eval_every + (1 if t.total_steps % t.eval_every else 0)
+    n_val = cfg.data.val_max_samples or VAL_SIZE
+    length = cfg.rollout.max_response_length / 64
+    return (STARTUP_S + t.total_steps * t.train_batch_size * cfg.rollout.n * length * STEP_S_PER_RESPONSE
+            + evals * n_val * cfg.rollout.val_n * length * EVAL_S_PER_PROMPT)
+
+
+def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[str], exp_dir: Path,
+              data_files: tuple[Path, Path], preset: Path = PRESET) -> Plan:
+    """Resolve every setting's config, merge settings whose configs are identical, and list the
+    runs (setting-major, then seed). Bad overrides fail here, before anything runs."""
+    from icpo.config import load_config
+
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    data = [f"data.train_files={json.dumps([str(data_files[0])])}",
+            f"data.val_files={json.dumps([str(data_files[1])])}"]
+    by_key: dict[str, str] = {}
+    plan = Plan([], {}, settings, list(seeds), list(mode_overrides), preset)
+    for s in settings:
+        base = [*mode_overrides, *s.overrides, *data]
+        cfg = load_config(preset, base)
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if key in by_key:
+            plan.run_of[s.slug] = by_key[key]
+            if by_key[key] != s.slug:
+                plan.shared[s.slug] = by_key[key]
+            continue
+        by_key[key] = plan.run_of[s.slug] = s.slug
+        for k in seeds:
+            out = exp_dir / "runs" / f"{s.slug}_seed{k}"
+            ov = [*base, f"trainer.seed={k}", f"data.seed={k}", f"reward.noise_seed={k}",
+                  f"trainer.output_dir={out}", "trainer.progress_bar=false"]
+            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg)))
+    return plan
+
+
+def run_finished(run: Run, preset: Path = PRESET) -> bool:
+    """True when ``run``'s metrics reach its last step and its saved config is the planned one
+    (a changed preset or mode makes the old result stale)."""
+    from icpo.config import load_config
+
+    metrics, saved = run.out_dir / "metrics.jsonl", run.out_dir / "config.yaml"
+    if not (metrics.is_file() and saved.is_file()):
+        return False
+    try:
+        rows = report.read_rows(metrics)
+        same = load_config(saved).to_dict() == load_config(preset, run.overrides).to_dict()
+    except ValueError:
+        return False
+    return same and any(r.get("step") == run.total_steps for r in rows)
+
+
+def ensure_data(exp_dir: Path, train_size: int | None = None, val_size: int | None = None) -> tuple[Path, Path]:
+    """Generate the arithmetic task once for all runs (same splits as ``train_icpo.py``;
+    sizes default to :data:`TRAIN_SIZE` / :data:`VAL_SIZE`)."""
+    from icpo.tasks.arithmetic import make_records, write_jsonl
+
+    train_size, val_size = train_size or TRAIN_SIZE, val_size or VAL_SIZE
+    folder = exp_dir / "data"
+    paths = folder / "train.jsonl", folder / "val.jsonl"
+    for path, split, n in ((paths[0], "train", train_size), (paths[1], "val", val_size)):
+        if not path.is_file() or sum(1 for _ in path.open()) != n:
+            write_jsonl(make_records(split, n), path)
+    return paths
+
+
+def fmt_s(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def print_plan(plan: Plan, mode: str, todo: list[Run]) -> None:
+    n_unique = len({r.name for r in plan.runs})
+    print(f"mode {mode}: {len(plan.settings)} settings -> {n_unique} distinct configs x "
+          f"{len(plan.seeds)} seeds = {len(plan.runs)} runs ({len(plan.runs) - len(todo)} already done)")
+    if plan.mode_overrides:
+        print("  mode overrides: " + " ".join(plan.mode_overrides))
+    for slug, target in plan.shared.items():
+        print(f"  {slug}: same config as {target}, reusing its runs")
+    for name in dict.fromkeys(r.name for r in plan.runs):
+        r = next(x for x in plan.runs if x.name == name)
+        print(f"  {name:<28} {r.total_steps} steps, ~{fmt_s(r.estimate_s)} per run")
+    left = sum(r.estimate_s for r in todo)
+    budget = BUDGET_S[mode]
+    print(f"estimated time: {fmt_s(left)} for {len(todo)} runs (budget for {mode}: {fmt_s(budget)}; "
+          f"cost model: {STEP_S_PER_RESPONSE * 1e3:.1f} ms/response/step, {STARTUP_S:.0f} s start-up)")
+    if left > budget:
+        print(f"WARNING: the estimate exceeds the {mode} budget; use --only to run fewer settings")
+
+
+def execute(run: Run, preset: Path, keep_checkpoints: bool) -> None:
+    """Train ``run`` in a subprocess (output to ``train.log``); raise on failure with the log tail."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    log = run.out_dir / "train.log"
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(preset), *run.overrides]
+    with log.open("w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"run {run.out_dir.name} exited with status {code}; see {log}:\n{tail}")
+    if not keep_checkpoints:
+        # The final checkpoint (~15 MB) is not used by the report; dozens of runs add up.
+        shutil.rmtree(run.out_dir / "checkpoints", ignore_errors=True)
+
+
+def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool) -> list[str]:
+    """Execute ``todo`` in order, printing progress and an ETA rescaled by measured run times."""
+    failures: list[str] = []
+    ratios: list[float] = []
+    for i, run in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
+        try:
+            execute(run, plan.preset, keep_checkpoints)
+        except RuntimeError as e:
+            failures.append(str(e))
+            print(f"FAILED\n{e}", flush=True)
+            continue
+        dt = time.perf_counter() - t0
+        ratios.append(dt / max(run.estimate_s, 1e-9))
+        rows = report.read_rows(run.out_dir / "metrics.jsonl")
+        acc = report.series(rows, "val/accuracy")
+        shown = f"val acc {acc[0][1]:.3f} -> {acc[-1][1]:.3f}, " if acc else ""
+        # Median of actual/estimated: one run slowed by a neighbour's burst does not skew it.
+        left = sum(r.estimate_s for r in todo[i:]) * statistics.median(ratios)
+        print(f"done in {fmt_s(dt)} ({shown}ETA {fmt_s(left)})", flush=True)
+    return failures
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short runs of the main comparison (< 15 min)")
+    p.add_argument("--only", help=f"comma-separated groups {','.join(GROUP_NAMES)} or setting names")
+    p.add_argument("--out", default=None,
+                   help="experiment folder (default outputs/experiments, --quick: outputs/experiments_quick)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (1..N; >= 3 for results)")
+    p.add_argument("--config", default=str(PRESET), help="preset YAML (default: the tiny CPU preset)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra dotted overrides for every run (after the mode's)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds: expected an int >= 1, got {args.seeds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    exp_dir = Path(args.out or ("outputs/experiments_quick" if args.quick else "outputs/experiments")).resolve()
+    preset = Path(args.config).resolve()
+    try:
+        settings = select_settings(args.only, args.quick)
+        data_files = ensure_data(exp_dir)
+        plan = make_plan(settings, list(range(1, args.seeds + 1)), [*MODE_OVERRIDES[mode], *args.set],
+                         exp_dir, data_files, preset)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    todo = [] if args.report_only else [r for r in plan.runs if not run_finished(r, preset)]
+    print_plan(plan, mode, todo)
+    if args.seeds < 3:
+        print(f"note: {args.seeds} seed(s); the experiments call for at least 3")
+    if args.dry_run:
+        return 0
+    t0 = time.perf_counter()
+    failures = run_all(plan, todo, args.keep_checkpoints)
+    meta = {"mode": mode, "preset": str(preset), "mode_overrides": plan.mode_overrides,
+            "seeds": plan.seeds, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+            "shared_runs": plan.shared}
+    rows = [{"group": s.group, "label": s.label, "slug": s.slug, "algorithm": s.algorithm,
+             "overrides": list(s.overrides), "run": plan.run_of[s.slug],
+             "runs": [{"seed": k, "dir": str(exp_dir / "runs" / f"{plan.run_of[s.slug]}_seed{k}")}
+                      for k in plan.seeds]}
+            for s in settings]
+    written = report.write_report(exp_dir, rows, meta)
+    print(f"wall time: {fmt_s(meta['wall_s_this_invocation'])}")
+    print("\n".join(f"wrote {p}" for p in written))
+    print((exp_dir / "results.md").read_text().split("\n## ")[1].split("\n", 1)[1])
+    if failures:
+        print(f"{len(failures)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Tests for examples/run_experiments.py and examples/experiment_report.py without training:
+plan (settings, dedup by effective config, seeds), resume detection, aggregation over seeds,
+the markdown/JSON report and the plots, on synthetic ``metrics.jsonl`` files."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import experiment_report as rep  # noqa: E402
+import run_experiments as rx  # noqa: E402
+
+from icpo.config import ConfigError, load_config, save_config  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _preset(tmp_path, delta=0.5, schedule="warmup_decay", steps=12):
+    path = tmp_path / "preset.yaml"
+    path.write_text(
+        "rollout: {engine: hf, n: 4, max_response_length: 64}\n"
+        f"algorithm: {{name: icpo, delta: {delta}, omega: {{schedule: {schedule}}}}}\n"
+        "actor: {ppo_mini_batch_size: 8}\n"
+        f"trainer: {{total_steps: {steps}, train_batch_size: 8, eval_every: 4, device: cpu}}\n")
+    return path
+
+
+def _plan(tmp_path, preset, settings=None, seeds=(1, 2, 3), mode=()):
+    data = (tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl")
+    return rx.make_plan(settings or rx.all_settings(), list(seeds), list(mode), tmp_path / "exp", data, preset)
+
+
+# ------------------------------------------------------------------------------- plan
+def test_settings_cover_the_paper_experiments():
+    s = rx.all_settings()
+    assert len({x.slug for x in s}) == len(s)
+    by_group = {g: [x for x in s if x.group == g] for g in rx.GROUP_NAMES}
+    for g in ("main", "noisy", "coarse"):
+        assert sorted(x.algorithm for x in by_group[g]) == ["grpo", "icpo"]
+    assert all("reward.noise_fraction=0.4" in x.overrides for x in by_group["noisy"])
+    assert all("reward.coarse_filter=true" in x.overrides for x in by_group["coarse"])
+    assert sorted(o for x in by_group["omega"] for o in x.overrides if "schedule" in o) == sorted(
+        f"algorithm.omega.schedule={k}" for k in ("warmup_decay", "warmup_retention", "linear_decay", "constant"))
+    assert [x.overrides[-1] for x in by_group["delta"]] == [f"algorithm.delta={d}" for d in (0.3, 0.4, 0.5, 0.6)]
+
+
+def test_dedup_follows_the_effective_config(tmp_path):
+    plan = _plan(tmp_path, _preset(tmp_path, delta=0.5))
+    assert plan.run_of["icpo_omega_warmup_decay"] == "icpo_clean"
+    assert plan.run_of["icpo_delta0.5"] == "icpo_clean"
+    assert plan.run_of["icpo_delta0.4"] == "icpo_delta0.4"
+    assert len({r.name for r in plan.runs}) == 12 and len(plan.runs) == 36
+    assert len({r.out_dir for r in plan.runs}) == 36
+    # With another preset delta/schedule, other settings are the duplicates.
+    plan = _plan(tmp_path, _preset(tmp_path, delta=0.4, schedule="constant"))
+    assert plan.run_of["icpo_delta0.4"] == "icpo_clean"
+    assert plan.run_of["icpo_omega_constant"] == "icpo_clean"
+    assert plan.run_of["icpo_delta0.5"] == "icpo_delta0.5"
+    assert plan.run_of["icpo_omega_warmup_decay"] == "icpo_omega_warmup_decay"
+
+
+def test_runs_vary_seeds_and_resolve_to_the_setting(tmp_path):
+    preset = _preset(tmp_path)
+    noisy = [s for s in rx.all_settings() if s.slug in ("grpo_noisy", "icpo_delta0.3")]
+    plan = _plan(tmp_path, preset, noisy, seeds=(1, 2), mode=rx.MODE_OVERRIDES["quick"])
+    assert [(r.name, r.seed) for r in plan.runs] == [("grpo_noisy", 1), ("grpo_noisy", 2),
+                                                     ("icpo_delta0.3", 1), ("icpo_delta0.3", 2)]
+    for r in plan.runs:
+        cfg = load_config(preset, r.overrides)
+        assert cfg.trainer.seed == cfg.data.seed == cfg.reward.noise_seed == r.seed
+        assert Path(cfg.trainer.output_dir) == r.out_dir and r.out_dir.name == f"{r.name}_seed{r.seed}"
+        assert cfg.trainer.total_steps == r.total_steps == 30  # the quick mode's override wins
+        assert cfg.data.train_files == [str(tmp_path / "data" / "train.jsonl")]
+        assert cfg.trainer.progress_bar is False
+    g, i = (load_config(preset, plan.runs[k].overrides) for k in (0, 2))
+    assert (g.algorithm.name, g.reward.noise_fraction) == ("grpo", 0.4)
+    assert (i.algorithm.name, i.algorithm.delta, i.reward.noise_fraction) == ("icpo", 0.3, 0.0)
+
+
+def test_plan_rejects_bad_input_before_running(tmp_path):
+    with pytest.raises(ConfigError, match="actor.lrr"):
+        _plan(tmp_path, _preset(tmp_path), mode=["actor.lrr=1"])
+    with pytest.raises(ValueError, match="seeds"):
+        _plan(tmp_path, _preset(tmp_path), seeds=())
+    with pytest.raises(ValueError, match="--only.*bogus"):
+        rx.select_settings("main,bogus", quick=False)
+
+
+def test_select_settings():
+    assert {s.group for s in rx.select_settings(None, quick=True)} == set(rx.QUICK_GROUPS)
+    assert {s.group for s in rx.select_settings(None, quick=False)} == set(rx.GROUP_NAMES)
+    picked = rx.select_settings("noisy,icpo_delta0.6", quick=True)
+    assert [s.slug for s in picked] == ["grpo_noisy", "icpo_noisy", "icpo_delta0.6"]
+
+
+def test_estimates_grow_with_the_work(tmp_path):
+    small = load_config(_preset(tmp_path, steps=10))
+    big = load_config(_preset(tmp_path, steps=20))
+    per_step = rx.estimate_run_seconds(big) - rx.estimate_run_seconds(small)
+    assert per_step > 0
+    wide = load_config(_preset(tmp_path, steps=10), ["trainer.train_batch_size=16", "actor.ppo_mini_batch_size=16"])
+    assert rx.estimate_run_seconds(wide) - rx.estimate_run_seconds(small) == pytest.approx(per_step)
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_the_real_preset_fits_the_mode_budget(tmp_path, mode):
+    """Guards the preset: a longer preset must come with a smaller plan (or a new budget)."""
+    plan = _plan(tmp_path, rx.PRESET, rx.select_settings(None, quick=mode == "quick"),
+                 mode=rx.MODE_OVERRIDES[mode])
+    assert all(len([r for r in plan.runs if r.name == n]) == 3 for n in {r.name for r in plan.runs})
+    assert plan.estimate_s <= rx.BUDGET_S[mode]
+
+
+# ------------------------------------------------------------------------------- synthetic runs
+def _write_run(folder, steps, acc, ent, conf_std=0.1, score=0.0, final_shift=0.0, coarse=False):
+    """metrics.jsonl like the trainer's: step 0 holds only val/accuracy; evals every 2 steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": 0, "time": 0.0, "val/accuracy": acc[0]}]
+    for s in range(1, steps + 1):
+        r = {"step": s, "time": float(s), "entropy": ent[s - 1], "confidence/std": conf_std,
+             "icpo/score/mean": score, "reward/mean": 0.5, "reward/final/mean": 0.5 + final_shift,
+             "zero_std_group_frac": 0.25, "omega": 0.5, "advantage/std": 0.9, "accuracy": 0.4}
+        if coarse:
+            r["coarse/kept_group_frac"] = 0.3
+        if s % 2 == 0:
+            r["val/accuracy"] = acc[s // 2]
+        rows.append(r)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _setting(group, label, algorithm, dirs):
+    return {"group": group, "label": label, "slug": f"{algorithm}_{group}", "algorithm": algorithm,
+            "run": f"{algorithm}_{group}", "runs": [{"seed": k, "dir": str(d)} for k, d in dirs.items()]}
+
+
+def test_report_aggregates_over_seeds(tmp_path):
+    exp = tmp_path / "exp"
+    grpo_acc = {1: 0.40, 2: 0.50, 3: 0.60}
+    icpo_acc = {1: 0.45, 2: 0.48, 3: 0.70}
+    settings = [_setting("main", "GRPO", "grpo", {k: exp / f"g{k}" for k in (1, 2, 3)}),
+                _setting("main", "ICPO", "icpo", {k: exp / f"i{k}" for k in (1, 2, 3, 4)})]
+    for k in (1, 2, 3):
+        _write_run(exp / f"g{k}", 4, [0.3, 0.35, grpo_acc[k]], [0.9, 0.8, 0.7, 0.6 + k / 100])
+        _write_run(exp / f"i{k}", 4, [0.3, 0.35, icpo_acc[k]], [0.9, 0.8, 0.7, 0.5 + k / 100],
+                   conf_std=0.2, score=1.5 + k, final_shift=0.1)
+    # seed 4 of ICPO never ran: it is left out, not counted.
+    written = rep.write_report(exp, settings, {"mode": "test", "seeds": [1, 2, 3]})
+    res = json.loads((exp / "results.json").read_text())
+    g, i = res["settings"]
+    assert g["final_val_acc"]["n"] == 3 and i["final_val_acc"]["n"] == 3
+    assert g["final_val_acc"]["mean"] == pytest.approx(statistics.fmean(grpo_acc.values()))
+    assert g["final_val_acc"]["std"] == pytest.approx(statistics.stdev(grpo_acc.values()))
+    assert i["final_entropy"]["mean"] == pytest.approx(0.52)
+    assert i["initial_val_acc"]["mean"] == pytest.approx(0.3)
+    assert i["diagnostics"]["icpo/score/mean"] == pytest.approx(3.5)
+    assert i["diagnostics"][rep.BONUS] == pytest.approx(0.1) and g["diagnostics"][rep.BONUS] == 0
+    assert i["curves"]["val/accuracy"]["steps"] == [0, 2, 4]
+    (cmp,) = res["comparisons"]
+    diffs = [icpo_acc[k] - grpo_acc[k] for k in (1, 2, 3)]
+    assert cmp["diffs"] == pytest.approx(diffs) and cmp["icpo_wins"] == 2
+    assert cmp["mean"] == pytest.approx(statistics.fmean(diffs))
+
+    md = (exp / "results.md").read_text()
+    mean, std = statistics.fmean(icpo_acc.values()), statistics.stdev(icpo_acc.values())
+    assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | 0.520 ± 0.010 | 0.300 | 3 |" in md
+    assert f"| main | {100 * cmp['mean']:.1f} ± {100 * cmp['std']:.1f} | 2/3 seeds |" in md
+    assert "coarse" not in md.split("## Why")[1].split("How to read")[0]  # no coarse column/rows
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert {p.name for p in pngs} == {"main.png", "diagnostics_main.png"}
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
+    leftovers = [p.name for p in exp.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_series_and_band_edge_cases(tmp_path):
+    rows = [{"step": 0, "val/accuracy": 0.2}, {"step": 1, "entropy": None}, {"step": 2, "entropy": 0.5},
+            {"step": 3, "entropy": "inf"}, {"step": 3, "val/accuracy": 0.4}]
+    assert rep.series(rows, "entropy") == [(2, 0.5)]
+    assert rep.final_value(rows, "val/accuracy") == 0.4 and rep.final_value(rows, "missing") is None
+    assert rep.step_mean(rows, "val/accuracy") == 0.4  # step 0 (before training) is not a step
+    b = rep.band([[{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}], [{"step": 2, "x": 5.0}]], "x")
+    assert b == {"steps": [2], "mean": [4.0], "std": [pytest.approx(2 ** 0.5)]}
+    assert rep.mean_std([None, 2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
+    assert rep.mean_std([]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_coarse_bonus_not_derived_and_bad_lines_named(tmp_path):
+    _write_run(tmp_path / "c", 2, [0.3, 0.3], [0.5, 0.5], final_shift=0.2, coarse=True)
+    rows = rep.read_rows(tmp_path / "c" / "metrics.jsonl")
+    assert all(rep.BONUS not in r for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        rep.read_rows(bad)
+
+
+# ------------------------------------------------------------------------------- resume, CLI
+def test_run_finished_needs_last_step_and_same_config(tmp_path):
+    preset = _preset(tmp_path, steps=4)
+    (run,) = _plan(tmp_path, preset, [rx.all_settings()[0]], seeds=(1,)).runs
+    assert not rx.run_finished(run, preset)
+    _write_run(run.out_dir, 3, [0.3, 0.3], [0.5] * 3)  # stopped before its last step
+    save_config(load_config(preset, run.overrides), run.out_dir / "config.yaml")
+    assert not rx.run_finished(run, preset)
+    _write_run(run.out_dir, 4, [0.3, 0.3, 0.4], [0.5] * 4)
+    assert rx.run_finished(run, preset)
+    save_config(load_config(preset, [*run.overrides, "actor.lr=0.5"]), run.out_dir / "config.yaml")
+    assert not rx.run_finished(run, preset)  # stale: planned with another config
+
+
+def test_report_only_cli_reads_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rx, "TRAIN_SIZE", 16)
+    monkeypatch.setattr(rx, "VAL_SIZE", 4)
+    preset, exp = _preset(tmp_path), tmp_path / "exp"
+    for name in ("grpo_clean", "icpo_clean"):
+        for k in (1, 2):
+            _write_run(exp / "runs" / f"{name}_seed{k}", 4, [0.3, 0.3, 0.3 + k / 10], [0.5] * 4)
+    code = rx.main(["--report-only", "--only", "main", "--seeds", "2", "--out", str(exp), "--config", str(preset)])
+    assert code == 0
+    assert sum(1 for _ in (exp / "data" / "train.jsonl").open()) == 16
+    md = (exp / "results.md").read_text()
+    assert "| main | GRPO | GRPO | 0.450 ± 0.071 | 0.500 ± 0.000 | 0.300 | 2 |" in md
+    assert "| main | 0.0 ± 0.0 | 0/2 seeds |" in md
+    assert "0.450 ± 0.071" in capsys.readouterr().out
