@@ -157,7 +157,7 @@ STEP_KEYS = [
     "icpo/score/mean", "icpo/score/std", "icpo/score/min", "icpo/score/max",
     "reward/final/mean", "reward/final/std",
     "advantage/mean", "advantage/std", "advantage/min", "advantage/max",
-    "confidence/mean", "entropy", "actor/kl", "actor/kl_loss", "actor/clipfrac",
+    "confidence/mean", "confidence/std", "confidence/group_std", "entropy", "actor/kl", "actor/kl_loss", "actor/clipfrac",
     "actor/pg_loss", "actor/approx_kl", "actor/grad_norm", "actor/lr",
     "response_length/mean", "response_length/max", "response_length/clip_ratio",
     "zero_std_group_frac", "time/generation", "time/reward", "time/old_logprob",
@@ -188,6 +188,8 @@ def test_one_icpo_step_end_to_end(tiny_random_model_dir, task_data, tmp_path):
     assert step["response_length/max"] <= 24
     # ICPO is active: the final rewards carry omega * preference score.
     assert step["icpo/score/std"] > 0
+    # mean within-group std <= sqrt(mean within-group variance) <= the batch std
+    assert 0.0 < step["confidence/group_std"] <= step["confidence/std"] + 1e-9
     assert step["reward/final/mean"] != pytest.approx(step["reward/mean"], abs=1e-6)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"

@@ -302,7 +302,11 @@ class Trainer:
         metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
         metrics.update(tensor_stats("reward/final", dist.all_gather_floats(adv.rewards)))
         metrics.update(tensor_stats("advantage", dist.all_gather_floats(adv.advantages)))
-        metrics.update(tensor_stats("confidence", dist.all_gather_floats(confidence)))
+        all_conf = dist.all_gather_floats(confidence)
+        metrics.update(tensor_stats("confidence", all_conf))
+        # How far apart the confidences of one prompt's responses are: what ICPO's pairwise
+        # scores see (the batch std above also counts differences between prompts).
+        metrics["confidence/group_std"] = all_conf.view(-1, n).std(dim=1, correction=0).mean().item()
         ent = dist.all_reduce_sum(torch.tensor([entropy.double().sum().item(), entropy.numel()]))
         metrics["entropy"] = (ent[0] / ent[1]).item()
         return metrics
