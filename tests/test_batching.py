@@ -56,3 +56,64 @@ def test_packed_scoring_matches_unpacked(tiny_random_model_dir):
     expected = torch.cat(expected)
     torch.testing.assert_close(packed, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(one_batch, expected, atol=1e-4, rtol=1e-4)
+
+
+def _grouped_samples(V, seed=0):
+    """Groups of 4 responses per prompt (prompts of different lengths, one prompt repeated in
+    two groups), responses of length 1 to 13 including ties."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()  # noqa: E731
+    base = [rand(n) for n in (40, 37, 45)]
+    prompt_list = [base[0], base[1], base[2], base[0]]
+    prompts, responses = [], []
+    for p in prompt_list:
+        for n in (1, 6, 13, 6):
+            prompts.append(p)
+            responses.append(rand(n))
+    return prompts, responses
+
+
+def test_shared_prefix_scoring_matches_per_sample(tiny_random_model_dir):
+    """Each distinct prompt run once, its KV cache gathered for its responses: the same
+    log-probs, entropies and parameter gradients as running every sample whole (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from icpo.trainer import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float64)
+    prompts, responses = _grouped_samples(model.config.vocab_size)
+    batch = pack_samples(prompts, responses, list(range(len(prompts))))
+    body, _ = scoring._body_and_head(model)
+    assert scoring._shared_prefix_hidden(body, batch) is not None  # the shared path is taken
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, ent = response_logprobs(model, batch, 0.8, share_prefix=share)
+        (logp.double() * torch.linspace(-1, 1, logp.numel(), dtype=torch.float64)).sum().add(
+            0.5 * ent.sum()).backward()
+        results[share] = (logp.detach(), ent.detach(),
+                          {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp0, e0, g0), (lp1, e1, g1) = results[False], results[True]
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_shared_prefix_skipped_when_nothing_repeats_or_checkpointing(tiny_random_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from icpo.trainer import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32)
+    body, _ = scoring._body_and_head(model)
+    V = model.config.vocab_size
+    distinct = [torch.randint(0, V, (30,)).tolist() for _ in range(4)]
+    batch = pack_samples(distinct, [[1, 2, 3]] * 4, [0, 1, 2, 3])
+    assert scoring._shared_prefix_hidden(body, batch) is None  # no prompt repeats
+    assert scoring._can_share_prefix(body)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert not scoring._can_share_prefix(body)  # transformers drops the cache under it
+    model.eval()
+    assert scoring._can_share_prefix(body)

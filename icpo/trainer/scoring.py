@@ -9,6 +9,11 @@ attention implementations (SDPA, eager: CPU) would need a dense ``T x T`` block-
 a packed row, quadratic in the micro-batch's tokens, so there the samples run as right-padded
 ``[b, L]`` batches of similar lengths (:func:`length_buckets`, so little compute goes to padding)
 and the hidden states are re-packed in the micro-batch's order; the results are the same.
+
+On that padded path, samples that share a prompt (the G responses of a GRPO group) share its
+forward: each distinct prompt runs once, and its keys and values are handed to the responses as
+a KV cache (:func:`_shared_prefix_hidden`), gradients included. With the G = 8 short prompts of
+the tiny preset this removes about a third of the scoring compute; with long prompts, more.
 """
 
 from __future__ import annotations
@@ -32,19 +37,26 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 
 
 def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float,
-                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_entropy: bool = True, share_prefix: bool = True,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and entropy) of every response token in ``batch``: fp32 ``[T_resp]`` each.
 
     ``temperature`` is the sampling temperature: the confidence and the ratio in the loss are
     taken under the distribution the responses were drawn from (SPEC step 3).
+    ``share_prefix``: run each distinct prompt once when that saves compute (padded path only).
     """
     body, head = _body_and_head(model)
+    scored = None
     if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                       use_cache=False).last_hidden_state[0]
     else:
-        hidden = _padded_hidden(body, batch)
-    logits = head(hidden.index_select(0, batch.score_positions))
+        if share_prefix and _can_share_prefix(body):
+            scored = _shared_prefix_hidden(body, batch)
+        hidden = _padded_hidden(body, batch) if scored is None else None
+    if scored is None:
+        scored = hidden.index_select(0, batch.score_positions)
+    logits = head(scored)
     return ops.token_logprobs(logits, batch.labels, temperature=temperature,
                               return_entropy=with_entropy)
 
@@ -103,6 +115,94 @@ def _padded_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     order = torch.cat(token_idx)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(parts).index_select(0, inverse)
+
+
+#: Prompt tokens that sharing must save before a micro-batch takes the shared-prefix path.
+SHARE_MIN_SAVED_TOKENS = 2 * BUCKET_CALL_TOKENS
+
+
+def _can_share_prefix(body: torch.nn.Module) -> bool:
+    """Whether a KV cache carries a prompt's states to its responses exactly: full attention in
+    every layer (no sliding window, no hybrid layers), and no gradient checkpointing while training
+    (transformers drops the cache under it)."""
+    config = body.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    if layer_types is None and getattr(config, "sliding_window", None) and \
+            getattr(config, "use_sliding_window", True):
+        return False
+    if body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
+        return False
+    return True
+
+
+def _shared_prefix_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Tensor | None:
+    """Hidden states at ``batch.score_positions`` (``[T_resp, H]``, packed response order), each
+    distinct prompt run once; ``None`` when too few prompt tokens repeat to be worth it.
+
+    1. The distinct prompts run right-padded as ``[P, Wp]`` with a KV cache. The state of a
+       prompt's last token scores its responses' first tokens.
+    2. Responses, without their last token (whose state scores nothing), run right-padded in
+       buckets of similar length, attending to their prompt's cached keys and values (rows of
+       the cache gathered per bucket; the prompt's padding masked; positions continue from the
+       prompt's length). Gradients reach the prompt pass through the gathered cache.
+    """
+    from transformers import DynamicCache
+
+    seq_lens = batch.seq_cu_seqlens.diff().tolist()
+    resp_lens = batch.resp_cu_seqlens.diff().tolist()
+    starts = batch.seq_cu_seqlens[:-1].tolist()
+    ids = batch.input_ids.tolist()
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = []
+    for start, n, r in zip(starts, seq_lens, resp_lens):
+        owner.append(distinct.setdefault(tuple(ids[start:start + n - r]), len(distinct)))
+    prompts = list(distinct)
+    saved = sum(n - r for n, r in zip(seq_lens, resp_lens)) - sum(map(len, prompts))
+    if saved < SHARE_MIN_SAVED_TOKENS:
+        return None
+    device = batch.input_ids.device
+    as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    p_lens = as_long([len(p) for p in prompts])
+    p_ids, p_mask = ops.unpack_to_padded(as_long([t for p in prompts for t in p]),
+                                         torch.cat([p_lens.new_zeros(1), p_lens.cumsum(0)]))
+    p_mask = p_mask.to(torch.long)
+    p_pos = torch.arange(p_ids.shape[1], device=device).expand_as(p_ids)
+    out = body(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
+               past_key_values=DynamicCache(config=body.config), use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    owner_t = as_long(owner)
+    parts = [out.last_hidden_state[owner_t, p_lens[owner_t] - 1]]  # scores response token 0
+    targets = [batch.resp_cu_seqlens[:-1]]
+    in_lens = [r - 1 for r in resp_lens]  # response tokens fed in: all but the last
+    for rows in length_buckets(in_lens):
+        width = max(in_lens[i] for i in rows)
+        if width == 0:
+            continue
+        rows_t = as_long(rows)
+        own = owner_t[rows_t]
+        lens = as_long([in_lens[i] for i in rows])
+        col = torch.arange(width, device=device)
+        valid = col[None] < lens[:, None]
+        resp_start = batch.seq_cu_seqlens[rows_t + 1] - batch.resp_cu_seqlens.diff()[rows_t]
+        r_ids = torch.where(valid, batch.input_ids[(resp_start[:, None] + col).clamp(
+            max=batch.input_ids.numel() - 1)], 0)
+        mask = torch.cat([p_mask[own], valid.to(torch.long)], dim=1)
+        pos = p_lens[own][:, None] + col
+        sub = DynamicCache(config=body.config)
+        for i, (k, v) in enumerate(layers):
+            sub.update(k.index_select(0, own), v.index_select(0, own), i)
+        hidden = body(input_ids=r_ids, attention_mask=mask, position_ids=pos,
+                      past_key_values=sub, use_cache=True).last_hidden_state
+        parts.append(hidden[valid])
+        # input token j of a response (its token j) scores response token j + 1
+        targets.append((batch.resp_cu_seqlens[rows_t][:, None] + 1 + col)[valid])
+    order = torch.cat(targets)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
     return torch.cat(parts).index_select(0, inverse)
 
 
