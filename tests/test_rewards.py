@@ -254,3 +254,17 @@ def test_coarse_group_mask():
     assert coarse_group_mask(r, 12).tolist() == [False]
     with pytest.raises(ValueError, match="group_size"):
         coarse_group_mask(r, 5)
+
+
+@pytest.mark.parametrize("answer, truth", [
+    ("12", "12"), ("012", "12"), ("-0", "0"), ("+7", "7"), ("-3", "3"), ("13", "12"),
+    ("\\boxed{-41}", "-41"), ("$-41$", "-40"), ("100000000000000000001", "100000000000000000000"),
+])
+def test_integer_fast_path_agrees_with_math_verify(answer, truth, monkeypatch):
+    """Two integer literals are compared as ints, without math-verify, and the verdict is the
+    one math-verify gives."""
+    slow = verifiable._math_equal(answer, truth)
+    calls = []
+    monkeypatch.setattr(verifiable, "_math_equal", lambda *a: calls.append(a) or slow)
+    assert answer_reward(answer, truth) == float(slow)
+    assert not calls

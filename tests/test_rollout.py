@@ -129,11 +129,11 @@ def test_train_mode_restored(model, monkeypatch):
     assert not model.training
     model.train()
 
-    def boom(**kw):
+    def boom(*args, **kw):
         assert not model.training  # generation runs in eval mode
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(model, "generate", boom)
+    monkeypatch.setattr(model, "forward", boom)
     with pytest.raises(RuntimeError, match="boom"):
         eng.generate(PROMPTS, params)
     assert model.training
@@ -370,3 +370,95 @@ def test_vllm_engine_without_vllm_installed(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
     with pytest.raises(ImportError, match="vllm==0.32.0"):
         VLLMRolloutEngine("some/model", eos_token_ids=EOS)
+
+
+# ---------------------------------------------------------------- our decoder vs generate
+
+def test_decoder_greedy_equals_generate(model):
+    assert engine(model).decoder == "icpo"
+    greedy = SamplingParams(n=3, temperature=0.0, max_new_tokens=12)
+    ours = engine(model, decoder="icpo").generate(PROMPTS, greedy)
+    theirs = engine(model, decoder="generate").generate(PROMPTS, greedy)
+    assert ours.response_ids == theirs.response_ids
+    assert ours.finish_reasons == theirs.finish_reasons
+    assert set(ours.finish_reasons) == {"stop", "length"}  # rows leave the batch mid-way
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (-1, 0.6), (7, 0.9)])
+def test_sample_next_matches_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from icpo.rollout.hf import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    expected = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    if top_k > 0:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    support = torch.isfinite(expected)
+    draws = torch.stack([sample_next(logits, params) for _ in range(3000)], dim=1)  # [6, 3000]
+    for row in range(6):
+        drawn = torch.bincount(draws[row], minlength=50)
+        assert not drawn[~support[row]].any(), "a token outside top-k/top-p was drawn"
+        freq = drawn.double() / drawn.sum()
+        tv = 0.5 * (freq - expected[row].softmax(-1).double()).abs().sum()
+        assert tv < 0.06, f"row {row}: total variation {tv:.3f} from the warpers' distribution"
+
+
+def test_decoder_first_token_distribution_matches_model(model):
+    """4000 seeded samples of the first response token follow softmax(logits / T)."""
+    params = SamplingParams(n=4000, temperature=1.5, top_k=6, max_new_tokens=1, seed=0)
+    batch = engine(model, decoder="icpo", eos_token_id=[63]).generate([PROMPTS[1]], params)
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[1]])).logits[0, -1] / 1.5
+    kth = torch.topk(logits, 6).values[-1]
+    probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1).double()
+    freq = torch.bincount(torch.tensor([r[0] for r in batch.response_ids]), minlength=64).double()
+    assert not freq[probs == 0].any()
+    assert 0.5 * (freq / freq.sum() - probs).abs().sum() < 0.05
+
+
+def test_sliding_window_models_use_generate():
+    from icpo.rollout.base import kv_cache_shareable
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=64, use_sliding_window=True,
+                                   sliding_window=4, max_window_layers=0)
+    assert not kv_cache_shareable(cfg)
+    windowed = transformers.Qwen2ForCausalLM(cfg)
+    assert engine(windowed).decoder == "generate"
+    with pytest.raises(ValueError, match="decoder='icpo'"):
+        engine(windowed, decoder="icpo")
+    with pytest.raises(ValueError, match="decoder must be"):
+        engine(windowed, decoder="vllm")
+    out = engine(windowed).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, seed=0))
+    assert len(out) == 6
+
+
+def test_decoder_greedy_equals_generate_on_the_bundled_model():
+    """The trained tiny model is sensitive to positions and masks (a random one is not)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icpo.data.templates import build_prompt
+    from icpo.models import resolve_model_path
+    from icpo.tasks.arithmetic import make_records
+
+    path = resolve_model_path("icpo/tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompts = [tok(build_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+               for r in make_records("val", 6)]
+    assert len({len(p) for p in prompts}) > 1  # ragged prompts
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=48)
+    ours = HFRolloutEngine(lm, tok, decoder="icpo").generate(prompts, greedy)
+    theirs = HFRolloutEngine(lm, tok, decoder="generate").generate(prompts, greedy)
+    assert ours.response_ids == theirs.response_ids
+    assert len({len(r) for r in ours.response_ids}) > 1  # rows finished at different steps

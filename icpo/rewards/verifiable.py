@@ -31,6 +31,7 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _MC_GOLD_RE = re.compile(r"\(?([A-J])\)?\.?")
 _MC_PRED_RE = re.compile(r"\(?\s*([A-Ja-j])\s*\)?\s*[.:]?")
 _WRAPPER_RE = re.compile(r"^\\(?:boxed|text|textbf|mathrm)\{(.*)\}$", re.DOTALL)
+_INT_RE = re.compile(r"[+-]?[0-9]{1,300}")
 
 
 def _require_str(value: Any, name: str) -> str:
@@ -110,6 +111,9 @@ def answer_reward(answer: str | None, ground_truth: Any) -> float:
         return float(pred is not None and pred.group(1).upper() == mc.group(1))
     if _normalize(answer) == _normalize(gt) or _normalize(_unwrap(answer)) == _normalize(_unwrap(gt)):
         return 1.0
+    a, g = _unwrap(answer), _unwrap(gt)
+    if _INT_RE.fullmatch(a) and _INT_RE.fullmatch(g):
+        return float(int(a) == int(g))  # two integer literals: what math-verify decides, ~1000x faster
     return float(_math_equal(answer, gt))
 
 

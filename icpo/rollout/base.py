@@ -194,3 +194,14 @@ class RolloutEngine(ABC):
 
     def reset_cache(self) -> None:
         """Drop cached prefixes computed with outdated weights."""
+
+
+def kv_cache_shareable(config: Any) -> bool:
+    """Whether every attention layer of a transformers model with ``config`` sees the whole
+    sequence (no sliding window, no hybrid / linear-attention layers), so that a prompt's KV
+    cache can be computed once, repeated for several continuations and pruned by rows."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))

@@ -1,8 +1,16 @@
-"""Rollouts with transformers' ``generate`` on the live training model (CPU, GPU, ZeRO-3).
+"""Rollouts with transformers models on the live training model (CPU, GPU, ZeRO-3).
 
 Slower than vLLM but runs anywhere and needs no weight sync: it samples from the very module
-being trained. Under ZeRO-3 every parameter is gathered for the duration of ``generate``
+being trained. Under ZeRO-3 every parameter is gathered for the duration of sampling
 (``deepspeed.zero.GatheredParameters``), so the full model must fit on each rank.
+
+Two decoders. For models whose every layer attends to the whole sequence (Llama, Qwen2 without
+sliding window, Mistral-style models up to their window...), a sampling loop of ours over the
+model's forward and a transformers ``DynamicCache``: each distinct prompt is prefilled once and
+its cache repeated for its ``n`` samples, and rows that finished are dropped from the batch
+(and the cache) as they accumulate, so late steps run only the rows still writing. Same
+distribution as ``generate`` (temperature, then top-k, then top-p, as transformers' warpers
+apply them). Any other model goes through ``model.generate``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from icpo.rollout.base import (
     RolloutEngine,
     SamplingParams,
     check_prompts,
+    kv_cache_shareable,
     resolve_special_ids,
     truncate_at_eos,
     unwrap_model,
@@ -34,13 +43,17 @@ class HFRolloutEngine(RolloutEngine):
         pad_token_id, eos_token_id: override the tokenizer / generation_config values.
         zero_stage: DeepSpeed ZeRO stage the model is trained with (3 => gather parameters).
         batch_size: prompts per ``generate`` call (each expanded to n rows).
+        decoder: ``"auto"`` (our sampling loop where the model allows it, else ``generate``),
+            ``"icpo"`` or ``"generate"``.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, pad_token_id: int | None = None,
                  eos_token_id: int | Iterable[int] | None = None, zero_stage: int = 0,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, decoder: str = "auto") -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if decoder not in ("auto", "icpo", "generate"):
+            raise ValueError(f"decoder must be 'auto', 'icpo' or 'generate', got {decoder!r}")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         self.model = unwrap_model(model)
@@ -48,6 +61,10 @@ class HFRolloutEngine(RolloutEngine):
             self.model, tokenizer, pad_token_id, eos_token_id)
         self.zero_stage = zero_stage
         self.batch_size = batch_size
+        if decoder == "icpo" and not kv_cache_shareable(self.model.config):
+            raise ValueError(f"decoder='icpo' needs full attention in every layer; "
+                             f"{type(self.model).__name__} has sliding-window or hybrid layers")
+        self._decoder = decoder
         embeddings = self.model.get_input_embeddings()
         self.vocab_size = getattr(embeddings, "num_embeddings", None)
 
@@ -60,9 +77,13 @@ class HFRolloutEngine(RolloutEngine):
         try:
             with torch.no_grad(), self._gathered(), self._seeded(params.seed):
                 for start in range(0, len(prompt_ids), self.batch_size):
-                    chunk = prompt_ids[start:start + self.batch_size]
-                    rows = [list(p) for p in chunk for _ in range(params.n)]
-                    for row, generated in zip(rows, self._generate_rows(rows, params)):
+                    chunk = [list(p) for p in prompt_ids[start:start + self.batch_size]]
+                    rows = [p for p in chunk for _ in range(params.n)]
+                    if self.decoder == "icpo":
+                        sampled = self._decode(chunk, params)
+                    else:
+                        sampled = self._generate_rows(rows, params)
+                    for row, generated in zip(rows, sampled):
                         response, reason = truncate_at_eos(generated, self.eos_token_ids,
                                                            params.max_new_tokens)
                         prompts.append(row)
@@ -71,6 +92,64 @@ class HFRolloutEngine(RolloutEngine):
         finally:
             self.model.train(was_training)
         return RolloutBatch(prompts, responses, reasons)
+
+    @property
+    def decoder(self) -> str:
+        """``"icpo"`` (our sampling loop) when the model's KV cache can be shared and pruned,
+        else ``"generate"``."""
+        if self._decoder != "auto":
+            return self._decoder
+        return "icpo" if kv_cache_shareable(self.model.config) else "generate"
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """``params.n`` samples of each prompt (rows grouped by prompt): the tokens each row
+        generated, up to and including its first EOS or ``max_new_tokens`` of them."""
+        from transformers import DynamicCache
+
+        model, n = self.model, params.n
+        device = next(model.parameters()).device
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        # 1. Prefill each distinct prompt once, left-padded so that every row's last prompt
+        #    token sits in the last column; then repeat its cache for its n samples.
+        width = max(len(p) for p in prompts)
+        ids = as_long([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = as_long([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].repeat_interleave(n, 0)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        mask = mask.repeat_interleave(n, 0)
+        pos = as_long([len(p) for p in prompts]).repeat_interleave(n)  # next token's position
+        num_rows, steps = len(prompts) * n, params.max_new_tokens
+        tokens = torch.full((num_rows, steps), self.pad_token_id, dtype=torch.long, device=device)
+        lengths = torch.full((num_rows,), steps, dtype=torch.long, device=device)
+        rows = torch.arange(num_rows, device=device)  # the output row of each batch row
+        alive = torch.ones(num_rows, dtype=torch.bool, device=device)
+        eos = as_long(self.eos_token_ids)
+        # 2. Decode. A finished row stays in the batch (its samples ignored) until a quarter of
+        #    the batch has finished; then all finished rows leave it, cache rows included.
+        for t in range(steps):
+            nxt = sample_next(logits, params)
+            tokens[rows[alive], t] = nxt[alive]
+            ended = alive & torch.isin(nxt, eos)
+            lengths[rows[ended]] = t + 1
+            alive &= ~ended
+            remaining = int(alive.sum())
+            if remaining == 0 or t == steps - 1:
+                break
+            if 4 * (alive.numel() - remaining) >= alive.numel():
+                keep = alive.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                mask, pos, rows, nxt, alive = mask[keep], pos[keep], rows[keep], nxt[keep], alive[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            pos = pos + 1
+        lengths = lengths.tolist()
+        return [row[:k] for row, k in zip(tokens.tolist(), lengths)]
 
     def _generate_rows(self, rows: Sequence[Sequence[int]],
                        params: SamplingParams) -> list[list[int]]:
@@ -122,3 +201,26 @@ class HFRolloutEngine(RolloutEngine):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             yield
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One token per row of ``logits`` ``[b, V]``: argmax when greedy, else a draw from
+    softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and then to the
+    smallest set holding ``top_p`` of the mass (transformers' TopK / TopP warpers' rules)."""
+    logits = logits.float()
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = mass <= 1.0 - params.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    if not torch.isfinite(probs).all():
+        raise ValueError("sampling: the model produced NaN or inf logits")
+    return torch.multinomial(probs, 1).squeeze(1)

@@ -23,6 +23,7 @@ import math
 import torch
 
 from icpo import ops
+from icpo.rollout.base import kv_cache_shareable
 from icpo.trainer.batching import PackedBatch, segment_positions
 
 
@@ -126,12 +127,7 @@ def _can_share_prefix(body: torch.nn.Module) -> bool:
     """Whether a KV cache carries a prompt's states to its responses exactly: full attention in
     every layer (no sliding window, no hybrid layers), and no gradient checkpointing while training
     (transformers drops the cache under it)."""
-    config = body.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        return False
-    if layer_types is None and getattr(config, "sliding_window", None) and \
-            getattr(config, "use_sliding_window", True):
+    if not kv_cache_shareable(body.config):
         return False
     if body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
         return False
