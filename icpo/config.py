@@ -195,7 +195,8 @@ class TrainerConfig:
     eval_every: int = 25
     """Held-out evaluation every N steps; 0 = off (also off without data.val_files)."""
     log_every: int = 1
-    """Console log every N steps (metrics.jsonl gets every step)."""
+    """Progress-bar figures, TensorBoard and W&B every N steps and at every evaluation
+    (metrics.jsonl gets every step)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
     tensorboard: bool = False

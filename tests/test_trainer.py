@@ -506,3 +506,31 @@ def test_resume_from_a_missing_checkpoint_names_it(tiny_random_model_dir, task_d
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
         Trainer(cfg, resume=str(missing))
+
+
+def test_metrics_logger_log_every(tmp_path):
+    """metrics.jsonl gets every step; the other sinks every log_every steps and at evaluations."""
+    from icpo.trainer.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=6, start_step=0, progress_bar=False,
+                           log_every=3)
+    seen = []
+    logger._tb = type("TB", (), {"add_scalar": lambda self, k, v, s: seen.append((s, k)),
+                                 "close": lambda self: None})()
+    for step in range(1, 7):
+        metrics = {"reward/mean": 0.5}
+        if step == 2:
+            metrics["val/accuracy"] = 0.25
+        logger.log(step, metrics)
+    logger.close()
+    assert [ln["step"] for ln in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert sorted({s for s, _ in seen}) == [2, 3, 6]
+
+
+def test_rollout_seed_overrides_trainer_seed(tiny_random_model_dir, task_data, tmp_path):
+    cfg = make_cfg(tiny_random_model_dir, task_data, tmp_path / "a")
+    assert Trainer(cfg).sampling_seed == cfg.trainer.seed
+    cfg = make_cfg(tiny_random_model_dir, task_data, tmp_path / "b")
+    cfg.rollout.seed = 7
+    trainer = Trainer(cfg)
+    assert trainer.sampling_seed == 7 and trainer._sampling(3).seed == trainer_mod.step_seed(7, 3, 0)

@@ -34,8 +34,9 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = False, wandb_project: str | None = None,
-                 progress_bar: bool = True, config: dict | None = None):
+                 progress_bar: bool = True, config: dict | None = None, log_every: int = 1):
         self.enabled = enabled
+        self.log_every = log_every
         self.path = output_dir / "metrics.jsonl"
         self._tb = self._wandb = self._bar = None
         if not enabled:
@@ -76,6 +77,10 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if step % self.log_every and "val/accuracy" not in numeric:  # sinks every log_every steps
+            if self._bar is not None:
+                self._bar.update(1 if advance else 0)
+            return
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)

@@ -90,6 +90,7 @@ class Trainer:
             self.output_dir, enabled=self.rank == 0, total_steps=cfg.trainer.total_steps,
             start_step=self.step, tensorboard=cfg.trainer.tensorboard,
             wandb_project=cfg.trainer.wandb_project, progress_bar=cfg.trainer.progress_bar,
+            log_every=cfg.trainer.log_every,
             config=cfg.to_dict())
         if self.rank == 0:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -99,7 +100,13 @@ class Trainer:
         r = self.cfg.rollout
         return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_response_length,
-                              seed=step_seed(self.cfg.trainer.seed, step, self.rank))
+                              seed=step_seed(self.sampling_seed, step, self.rank))
+
+    @property
+    def sampling_seed(self) -> int:
+        """rollout.seed when set, else trainer.seed."""
+        seed = self.cfg.rollout.seed
+        return self.cfg.trainer.seed if seed is None else seed
 
     def _generate(self, step: int) -> Rollout:
         batch = self.sampler.next_batch()
