@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from icpo.config import load_config
     from icpo.trainer import Trainer
+    from icpo.trainer.distributed import exit_launched_process
     from icpo.trainer.plots import plot_metrics
 
     cfg = load_config(args.config, args.overrides)
     ensure_task_data(cfg, args.train_size, args.val_size)
     trainer = Trainer(cfg, resume=args.resume)
     history = trainer.train()
+    trainer.close()  # not on error: a rank that failed must not wait for the others
     if trainer.rank != 0:
+        exit_launched_process(0)
         return 0
     out = Path(cfg.trainer.output_dir)
     png = plot_metrics(out / "metrics.jsonl", out / "curves.png",
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out accuracy: {a0:.3f} (step {s0}) -> {a1:.3f} (step {s1}), "
               f"{100 * (a1 - a0):+.1f} points")
     print(f"metrics: {out / 'metrics.jsonl'}\nplot: {png}\ncheckpoints: {out / 'checkpoints'}")
+    exit_launched_process(0)
     return 0
 
 

@@ -15,10 +15,13 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     from icpo.config import load_config
     from icpo.trainer import Trainer
+    from icpo.trainer.distributed import exit_launched_process
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.train()
+    trainer.close()  # not on error: a rank that failed must not wait for the others
+    exit_launched_process(0)
     return 0
 
 

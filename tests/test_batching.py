@@ -117,3 +117,30 @@ def test_shared_prefix_skipped_when_nothing_repeats_or_checkpointing(tiny_random
     assert not scoring._can_share_prefix(body)  # transformers drops the cache under it
     model.eval()
     assert scoring._can_share_prefix(body)
+
+
+def test_lockstep_scoring_runs_one_forward_per_batch(tiny_random_model_dir):
+    """ZeRO-3 lockstep: one body forward per micro-batch (no buckets, no shared prefix), padded
+    with filler forwards to the given count; the log-probs are those of the normal path."""
+    from transformers import AutoModelForCausalLM
+
+    from icpo.trainer import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32)
+    prompts, responses = _grouped_samples(model.config.vocab_size)
+    batches = micro_batches(prompts, responses, list(range(len(prompts))), max_tokens=2000)
+    calls = []
+    body, _ = scoring._body_and_head(model)
+    handle = body.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        normal, _ = scoring.score_all(model, batches, 1.0)
+        assert len(calls) > len(batches)  # buckets / shared prefix: several forwards a batch
+        calls.clear()
+        locked, _ = scoring.score_all(model, batches, 1.0, lockstep_batches=len(batches) + 2)
+        assert len(calls) == len(batches) + 2
+        calls.clear()
+        empty, _ = scoring.score_all(model, [], 1.0, lockstep_batches=3)
+        assert len(calls) == 3 and empty.numel() == 0
+    finally:
+        handle.remove()
+    torch.testing.assert_close(locked, normal, atol=1e-5, rtol=1e-5)

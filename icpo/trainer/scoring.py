@@ -39,12 +39,15 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 
 def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float,
                       with_entropy: bool = True, share_prefix: bool = True,
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and entropy) of every response token in ``batch``: fp32 ``[T_resp]`` each.
 
     ``temperature`` is the sampling temperature: the confidence and the ratio in the loss are
     taken under the distribution the responses were drawn from (SPEC step 3).
     ``share_prefix``: run each distinct prompt once when that saves compute (padded path only).
+    ``lockstep``: exactly one forward of the decoder body, whatever the batch holds (no length
+    buckets, no shared prefix): under ZeRO-3 every forward gathers parameters collectively, so
+    all ranks must run as many.
     """
     body, head = _body_and_head(model)
     scored = None
@@ -52,9 +55,10 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
         hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                       use_cache=False).last_hidden_state[0]
     else:
-        if share_prefix and _can_share_prefix(body):
+        if share_prefix and not lockstep and _can_share_prefix(body):
             scored = _shared_prefix_hidden(body, batch)
-        hidden = _padded_hidden(body, batch) if scored is None else None
+        if scored is None:
+            hidden = _padded_hidden(body, batch, call_tokens=math.inf if lockstep else BUCKET_CALL_TOKENS)
     if scored is None:
         scored = hidden.index_select(0, batch.score_positions)
     logits = head(scored)
@@ -95,13 +99,15 @@ def length_buckets(lengths: list[int], call_tokens: int = BUCKET_CALL_TOKENS) ->
     return buckets[::-1]
 
 
-def _padded_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+def _padded_hidden(body: torch.nn.Module, batch: PackedBatch,
+                   call_tokens: float = BUCKET_CALL_TOKENS) -> torch.Tensor:
     """Hidden states ``[T, H]`` in packed order, computed on right-padded ``[b, L]`` batches of
-    samples of similar length (one per :func:`length_buckets` bucket)."""
+    samples of similar length (one per :func:`length_buckets` bucket; one bucket when
+    ``call_tokens`` is infinite)."""
     cu = batch.seq_cu_seqlens
     lengths = cu.diff()
     parts, token_idx = [], []
-    for rows in length_buckets(lengths.tolist()):
+    for rows in length_buckets(lengths.tolist(), call_tokens):
         lens = lengths[torch.tensor(rows, dtype=torch.int64, device=cu.device)]
         sub_cu = torch.zeros(len(rows) + 1, dtype=torch.int64, device=cu.device)
         sub_cu[1:] = lens.cumsum(0)
@@ -204,15 +210,31 @@ def _shared_prefix_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Te
 
 @torch.no_grad()
 def score_all(model: torch.nn.Module, batches: list[PackedBatch], temperature: float,
-              with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+              with_entropy: bool = True, lockstep_batches: int | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenated response log-probs (and entropies) of ``batches`` in order, no gradient
-    (empty tensors for no batches: a rank whose groups the coarse filter dropped)."""
-    if not batches:
-        return torch.zeros(0), (torch.zeros(0) if with_entropy else None)
+    (empty tensors for no batches: a rank whose groups the coarse filter dropped).
+
+    ``lockstep_batches``: run one forward per batch and pad with forwards on ``filler`` batches
+    to this many (the most any rank has), so every rank runs as many (ZeRO-3)."""
+    lockstep = lockstep_batches is not None
     logps, ents = [], []
     for batch in batches:
-        logp, ent = response_logprobs(model, batch, temperature, with_entropy)
+        logp, ent = response_logprobs(model, batch, temperature, with_entropy, lockstep=lockstep)
         logps.append(logp)
         ents.append(ent)
+    for _ in range(len(batches), lockstep_batches or 0):
+        response_logprobs(model, filler_batch(model, batches), temperature, False, lockstep=True)
+    if not batches:
+        return torch.zeros(0), (torch.zeros(0) if with_entropy else None)
     logp = torch.cat(logps)
     return logp, (torch.cat(ents) if with_entropy else None)
+
+
+def filler_batch(model: torch.nn.Module, batches: list[PackedBatch] | None = None) -> PackedBatch:
+    """A one-token-prompt, one-token-response batch whose results are thrown away: the extra
+    forwards a rank runs to keep its collectives in step with the others."""
+    from icpo.trainer.batching import pack_samples
+
+    device = batches[0].input_ids.device if batches else next(model.parameters()).device
+    return pack_samples([[0]], [[0]], [0]).to(device)

@@ -67,6 +67,8 @@ class Trainer:
             raise ValueError(f"trainer.train_batch_size={cfg.trainer.train_batch_size} must be "
                              f"divisible by the number of processes ({self.world})")
         self.local_prompts = cfg.trainer.train_batch_size // self.world
+        # ZeRO-3 gathers parameters collectively in every forward: ranks run forwards in step.
+        self.lockstep = self.world > 1 and cfg.trainer.zero_stage == 3
         self.mini_prompts = max(1, cfg.actor.ppo_mini_batch_size // self.world)
         minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
         self.engines = build_engines(cfg, self.device, cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
@@ -192,7 +194,8 @@ class Trainer:
                 ent = fused[1][sel.to(self.device)] if cfg.actor.entropy_coef > 0 else None
             else:
                 logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
-                                              with_entropy=cfg.actor.entropy_coef > 0)
+                                              with_entropy=cfg.actor.entropy_coef > 0,
+                                              lockstep=self.lockstep)
             loss, m = grpo_loss(
                 logp, old_logp[sel].to(self.device),
                 None if ref_logp is None else ref_logp[sel].to(self.device), ent,
@@ -229,7 +232,7 @@ class Trainer:
         tok = self.tokenizer.pad_token_id
         mb = pack_samples([[tok]], [[tok]], [0]).to(self.device)
         logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
-                                    with_entropy=False)
+                                    with_entropy=False, lockstep=self.lockstep)
         self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
 
     def _sync_weights(self) -> None:
@@ -275,14 +278,21 @@ class Trainer:
         batches = [b.to(self.device) for b in batches]
         t0 = time.perf_counter()
         fused = None
-        if (cfg.actor.ppo_epochs == 1 and len(batches) == 1
-                and len(ro.response_ids) // n <= self.mini_prompts):
+        can_fuse = (cfg.actor.ppo_epochs == 1 and len(batches) == 1
+                    and len(ro.response_ids) // n <= self.mini_prompts)
+        most = None  # lockstep: the most micro-batches any rank has
+        if self.lockstep:
+            counts = dist.all_gather_floats(torch.tensor([float(len(batches)), float(can_fuse)]))
+            most, can_fuse = int(counts[0::2].max()), bool(counts[1::2].min())
+        if can_fuse:
             # On-policy, one mini-batch, one micro-batch: the update's forward would recompute
             # exactly these log-probs, so run it once, with grad, and let the update reuse it.
-            fused = response_logprobs(self.engines.actor.module, batches[0], cfg.rollout.temperature)
+            fused = response_logprobs(self.engines.actor.module, batches[0], cfg.rollout.temperature,
+                                      lockstep=self.lockstep)
             old_logp, entropy = fused[0].detach(), fused[1].detach()
         else:
-            old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature)
+            old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature,
+                                          lockstep_batches=most)
         resp_cu = torch.zeros(len(ro.response_ids) + 1, dtype=torch.int64)
         resp_cu[1:] = torch.tensor([len(r) for r in ro.response_ids]).cumsum(0)
         t["time/old_logprob"] = time.perf_counter() - t0
@@ -290,7 +300,7 @@ class Trainer:
         ref_logp = None
         if self.engines.reference is not None:
             ref_logp, _ = score_all(self.engines.reference, batches, cfg.rollout.temperature,
-                                    with_entropy=False)
+                                    with_entropy=False, lockstep_batches=most)
         t["time/ref_logprob"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         old_logp, entropy = old_logp.cpu(), entropy.cpu()
@@ -340,6 +350,10 @@ class Trainer:
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
                                     self.tokenizer, state)
+
+    def close(self) -> None:
+        """End of the run: leave the process group (every rank calls this once, last)."""
+        dist.shutdown()
 
     def train(self) -> list[dict[str, Any]]:
         """Run to ``trainer.total_steps``; returns the logged metrics of the steps run here."""
