@@ -31,3 +31,15 @@ def tiny_random_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny models run fastest on one, the machine is
+    shared, and it keeps float reductions in one order (runs compared for equality)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

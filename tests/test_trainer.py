@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 NONDETERMINISTIC = ("time", "time/", "perf/")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine is shared, and it keeps float reductions in one order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 REWARDS = '''

@@ -24,7 +24,7 @@ import torch
 
 from icpo import ops
 from icpo.rollout.base import kv_cache_shareable
-from icpo.trainer.batching import PackedBatch, segment_positions
+from icpo.trainer.batching import PackedBatch, pack_samples, segment_positions
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -119,7 +119,13 @@ def _padded_hidden(body: torch.nn.Module, batch: PackedBatch,
                       use_cache=False).last_hidden_state
         parts.append(hidden[mask.bool()])
         token_idx.append(idx)
-    order = torch.cat(token_idx)
+    return _in_order(parts, token_idx)
+
+
+def _in_order(parts: list[torch.Tensor], places: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of ``parts`` (concatenated) put at the positions ``places`` gives each of them:
+    ``places`` together must be a permutation of ``0 .. rows - 1``."""
+    order = torch.cat(places)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return torch.cat(parts).index_select(0, inverse)
@@ -202,10 +208,7 @@ def _shared_prefix_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Te
         parts.append(hidden[valid])
         # input token j of a response (its token j) scores response token j + 1
         targets.append((batch.resp_cu_seqlens[rows_t][:, None] + 1 + col)[valid])
-    order = torch.cat(targets)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=device)
-    return torch.cat(parts).index_select(0, inverse)
+    return _in_order(parts, targets)
 
 
 @torch.no_grad()
@@ -223,18 +226,17 @@ def score_all(model: torch.nn.Module, batches: list[PackedBatch], temperature: f
         logp, ent = response_logprobs(model, batch, temperature, with_entropy, lockstep=lockstep)
         logps.append(logp)
         ents.append(ent)
-    for _ in range(len(batches), lockstep_batches or 0):
-        response_logprobs(model, filler_batch(model, batches), temperature, False, lockstep=True)
+    if len(batches) < (lockstep_batches or 0):
+        filler = filler_batch(next(model.parameters()).device)
+        for _ in range(len(batches), lockstep_batches):
+            response_logprobs(model, filler, temperature, False, lockstep=True)
     if not batches:
         return torch.zeros(0), (torch.zeros(0) if with_entropy else None)
     logp = torch.cat(logps)
     return logp, (torch.cat(ents) if with_entropy else None)
 
 
-def filler_batch(model: torch.nn.Module, batches: list[PackedBatch] | None = None) -> PackedBatch:
+def filler_batch(device: torch.device, token: int = 0) -> PackedBatch:
     """A one-token-prompt, one-token-response batch whose results are thrown away: the extra
-    forwards a rank runs to keep its collectives in step with the others."""
-    from icpo.trainer.batching import pack_samples
-
-    device = batches[0].input_ids.device if batches else next(model.parameters()).device
-    return pack_samples([[0]], [[0]], [0]).to(device)
+    forwards (and backwards) a rank runs to keep its collectives in step with the others."""
+    return pack_samples([[token]], [[token]], [0]).to(device)

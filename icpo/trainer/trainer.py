@@ -25,10 +25,10 @@ from icpo.rewards import RewardFn, add_reward_noise, coarse_group_mask
 from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
-from icpo.trainer.batching import micro_batches, pack_samples, segment_positions
+from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.evaluate import evaluate
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
-from icpo.trainer.scoring import response_logprobs, score_all
+from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
 from icpo.models import resolve_model_path
 from icpo.trainer.setup import build_engines, load_tokenizer
 
@@ -229,8 +229,7 @@ class Trainer:
 
     def _zero_backward(self) -> None:
         """A backward pass through the whole model that adds nothing to any gradient."""
-        tok = self.tokenizer.pad_token_id
-        mb = pack_samples([[tok]], [[tok]], [0]).to(self.device)
+        mb = filler_batch(self.device, self.tokenizer.pad_token_id)
         logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
                                     with_entropy=False, lockstep=self.lockstep)
         self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
