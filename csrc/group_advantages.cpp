@@ -3,7 +3,8 @@
 //
 // Contract shared with the CUDA kernels and the fake kernels in icpo/ops/groups.py:
 // confidence and rewards are 1-D, of one float dtype (f32, f64, f16, bf16), computed in opmath
-// (f32, or f64 for f64) and returned in that dtype; group_offsets is int64 [G+1] in the
+// (f32, or f64 for f64; the group statistics of Eq. 5 always in f64) and returned in that dtype;
+// a group of equal values gets advantage exactly 0; group_offsets is int64 [G+1] in the
 // cu_seqlens convention. One task per group, parallel over groups. None of these ops is
 // differentiable: confidence and rewards are reward inputs (SPEC step 3).
 #include <ATen/Dispatch.h>
@@ -106,24 +107,36 @@ void scores_from_ranked(const Ranked<acc_t>* ranked, int64_t n, acc_t delta, acc
 // Eq. 5, the one normalization code path for both GRPO and ICPO: with omega = 0, ICPO feeds it
 // the very rewards GRPO does, so the two agree bitwise. noinline keeps a single machine-code
 // copy, so no caller-specific inlining or FMA contraction can make them differ.
+// The statistics are taken in double whatever acc_t is: (R - mean)^2 of float32 rewards cannot
+// overflow there (the wrapper bounds |R| so that nothing overflows in double or in the output
+// dtype). A group whose values are all equal gets exactly 0 (SPEC, worked examples): the
+// rounded mean of G equal values is not always that value, and (R - mean) / (~1e-8 + eps) would
+// then give every response the same nonzero advantage (-0.056 for eight float32 rewards of 0.9).
 template <typename acc_t>
 __attribute__((noinline)) void normalize_group(const acc_t* r, int64_t n, bool scale,
-                                               bool unbiased, acc_t eps, acc_t* out) {
-  if (n <= 1) {  // a group of one carries no relative signal: advantage 0 (also when unbiased)
+                                               bool unbiased, double eps, acc_t* out) {
+  bool equal = true;  // also a group of one: no relative signal (also when unbiased)
+  for (int64_t i = 1; i < n && equal; ++i) equal = r[i] == r[0];
+  if (equal) {
     std::fill(out, out + n, acc_t(0));
     return;
   }
-  acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += r[i];
-  const acc_t mean = sum / static_cast<acc_t>(n);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(r[i]);
+  const double mean = sum / static_cast<double>(n);
   if (!scale) {  // Dr. GRPO: center only
-    for (int64_t i = 0; i < n; ++i) out[i] = r[i] - mean;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(static_cast<double>(r[i]) - mean);
     return;
   }
-  acc_t sq = 0;  // two passes: var from centered values, no cancellation
-  for (int64_t i = 0; i < n; ++i) sq += (r[i] - mean) * (r[i] - mean);
-  const acc_t denom = std::sqrt(sq / static_cast<acc_t>(unbiased ? n - 1 : n)) + eps;
-  for (int64_t i = 0; i < n; ++i) out[i] = (r[i] - mean) / denom;
+  double sq = 0;  // two passes: var from centered values, no cancellation
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(r[i]) - mean;
+    sq += d * d;
+  }
+  const double denom = std::sqrt(sq / static_cast<double>(unbiased ? n - 1 : n)) + eps;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<acc_t>((static_cast<double>(r[i]) - mean) / denom);
+  }
 }
 
 // Memory safety only (the wrapper reports malformed offsets with friendlier messages).
@@ -209,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cpu(
     scalar_t* s_out = scores.mutable_data_ptr<scalar_t>();
     scalar_t* f_out = fused.mutable_data_ptr<scalar_t>();
     scalar_t* a_out = adv.mutable_data_ptr<scalar_t>();
-    const acc_t d = delta, t = tau, w = omega, e = eps;
+    const acc_t d = delta, t = tau, w = omega;
     for_each_group<acc_t>(group_offsets, r.numel(), kScoreElementsPerChunk,
                           [&](int64_t start, int64_t n, auto& s) {
       const bool ranked = rank_group(c_ptr + start, n, s.ranked.data());
@@ -233,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cpu(
         }
         final_r = s.fused.data();
       }
-      normalize_group(final_r, n, scale, unbiased, e, s.adv.data());
+      normalize_group(final_r, n, scale, unbiased, eps, s.adv.data());
       for (int64_t i = 0; i < n; ++i) {
         s_out[start + i] = static_cast<scalar_t>(s.scores[i]);
         f_out[start + i] = static_cast<scalar_t>(final_r[i]);
@@ -254,11 +267,10 @@ at::Tensor grpo_advantages_cpu(const at::Tensor& rewards, const at::Tensor& grou
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* r_ptr = r.const_data_ptr<scalar_t>();
     scalar_t* a_out = adv.mutable_data_ptr<scalar_t>();
-    const acc_t e = eps;
     for_each_group<acc_t>(group_offsets, r.numel(), kNormalizeElementsPerChunk,
                           [&](int64_t start, int64_t n, auto& s) {
       for (int64_t i = 0; i < n; ++i) s.rewards[i] = static_cast<acc_t>(r_ptr[start + i]);
-      normalize_group(s.rewards.data(), n, scale, unbiased, e, s.adv.data());
+      normalize_group(s.rewards.data(), n, scale, unbiased, eps, s.adv.data());
       for (int64_t i = 0; i < n; ++i) a_out[start + i] = static_cast<scalar_t>(s.adv[i]);
     });
   });

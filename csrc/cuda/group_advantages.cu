@@ -85,36 +85,46 @@ __device__ __forceinline__ void group_scores(const scalar_t* __restrict__ c, int
 }
 
 // Eq. 5 over one group: out = (r - mean) / (std + eps), or r - mean without `scale`; population
-// std unless `unbiased`; a group of one gets 0. r is read after a barrier, so it may be values this
-// block just wrote (it is deliberately not __restrict__: no read-only cache on it).
+// std unless `unbiased`. As the CPU kernel: the statistics are taken in double whatever scalar_t
+// is (no overflow of (r - mean)^2 for float32 rewards), and a group whose values are all equal
+// (a group of one included) gets exactly 0, whatever rounding the mean would do. r is read after
+// a barrier, so it may be values this block just wrote (it is deliberately not __restrict__: no
+// read-only cache on it).
 // __noinline__: one machine-code copy shared by the ICPO and GRPO kernels, so no caller-specific
 // inlining or FMA contraction can make omega = 0 differ from GRPO.
 template <class scalar_t>
 __device__ __noinline__ void normalize_group(const scalar_t* r, scalar_t* __restrict__ out,
                                                 int64_t n, bool scale, bool unbiased,
-                                                acc_t<scalar_t> eps) {
+                                                double eps) {
   using A = acc_t<scalar_t>;
   __syncthreads();
-  if (n == 1) {
-    if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(0.f);
+  if (n == 0) return;  // only from malformed offsets (group_bounds clamps them)
+  // Every scalar_t converts exactly to A, and A exactly to double.
+  auto value = [&](int64_t i) { return static_cast<double>(static_cast<A>(r[i])); };
+  const double first = value(0);
+  int differs = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) differs |= !(value(i) == first);
+  if (block_allreduce(differs, Sum{}, 0) == 0) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = static_cast<scalar_t>(A(0));
     return;
   }
-  A sum = A(0);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += static_cast<A>(r[i]);
-  const A mean = div_(block_allreduce(sum, Sum{}, A(0)), static_cast<A>(n));
-  A denom = A(1);
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += value(i);
+  const double mean = div_(block_allreduce(sum, Sum{}, 0.0), static_cast<double>(n));
+  double denom = 1;
   if (scale) {
-    A sq = A(0);
+    double sq = 0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const A d = static_cast<A>(r[i]) - mean;
+      const double d = value(i) - mean;
       sq += d * d;
     }
-    const A var = div_(block_allreduce(sq, Sum{}, A(0)), static_cast<A>(unbiased ? n - 1 : n));
+    const double var =
+        div_(block_allreduce(sq, Sum{}, 0.0), static_cast<double>(unbiased ? n - 1 : n));
     denom = sqrt_(var) + eps;
   }
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const A centered = static_cast<A>(r[i]) - mean;
-    out[i] = static_cast<scalar_t>(scale ? div_(centered, denom) : centered);
+    const double centered = value(i) - mean;
+    out[i] = static_cast<scalar_t>(static_cast<A>(scale ? div_(centered, denom) : centered));
   }
 }
 
@@ -138,7 +148,7 @@ __global__ void icpo_advantages_kernel(const scalar_t* __restrict__ confidence,
                                        const scalar_t* __restrict__ rewards, int64_t total,
                                        const int64_t* __restrict__ offsets, acc_t<scalar_t> delta,
                                        acc_t<scalar_t> tau, acc_t<scalar_t> omega, bool scale,
-                                       bool unbiased, acc_t<scalar_t> eps,
+                                       bool unbiased, double eps,
                                        scalar_t* __restrict__ scores,
                                        scalar_t* __restrict__ final_rewards,
                                        scalar_t* __restrict__ advantages) {
@@ -161,7 +171,7 @@ __global__ void icpo_advantages_kernel(const scalar_t* __restrict__ confidence,
 template <class scalar_t>
 __global__ void grpo_advantages_kernel(const scalar_t* __restrict__ rewards, int64_t total,
                                        const int64_t* __restrict__ offsets, bool scale,
-                                       bool unbiased, acc_t<scalar_t> eps,
+                                       bool unbiased, double eps,
                                        scalar_t* __restrict__ advantages) {
   int64_t start, n;
   group_bounds(offsets, blockIdx.x, total, start, n);
@@ -237,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cuda(
     icpo_advantages_kernel<scalar_t><<<static_cast<unsigned>(groups), threads, 0, stream>>>(
         confidence.const_data_ptr<scalar_t>(), rewards.const_data_ptr<scalar_t>(), total,
         group_offsets.const_data_ptr<int64_t>(), static_cast<A>(delta), static_cast<A>(tau),
-        static_cast<A>(omega), scale, unbiased, static_cast<A>(eps),
+        static_cast<A>(omega), scale, unbiased, eps,
         scores.mutable_data_ptr<scalar_t>(), final_rewards.mutable_data_ptr<scalar_t>(),
         advantages.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -262,7 +272,7 @@ at::Tensor grpo_advantages_cuda(const at::Tensor& rewards_in, const at::Tensor& 
                                   "grpo_advantages_cuda", [&] {
     grpo_advantages_kernel<scalar_t><<<static_cast<unsigned>(groups), threads, 0, stream>>>(
         rewards.const_data_ptr<scalar_t>(), total, group_offsets.const_data_ptr<int64_t>(), scale,
-        unbiased, static_cast<acc_t<scalar_t>>(eps), advantages.mutable_data_ptr<scalar_t>());
+        unbiased, eps, advantages.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return advantages;

@@ -5,7 +5,13 @@ arguments; tests and benchmarks compare the two.
 """
 
 from icpo.ops import reference
-from icpo.ops.groups import ICPOAdvantages, grpo_advantages, icpo_advantages, preference_scores
+from icpo.ops.groups import (
+    ICPOAdvantages,
+    grpo_advantages,
+    icpo_advantages,
+    preference_scores,
+    reward_limit,
+)
 from icpo.ops.logprobs import token_logprobs
 from icpo.ops.segments import pack_padded, segment_mean, unpack_to_padded
 
@@ -16,6 +22,7 @@ __all__ = [
     "pack_padded",
     "preference_scores",
     "reference",
+    "reward_limit",
     "segment_mean",
     "token_logprobs",
     "unpack_to_padded",

@@ -13,6 +13,8 @@ their own dtype.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import operator
 
 import torch
@@ -20,7 +22,8 @@ import torch
 from icpo.ops.reference import ICPOAdvantages
 from icpo.ops.segments import check_offsets
 
-__all__ = ["ICPOAdvantages", "grpo_advantages", "icpo_advantages", "preference_scores"]
+__all__ = ["ICPOAdvantages", "grpo_advantages", "icpo_advantages", "preference_scores",
+           "reward_limit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -81,13 +84,38 @@ def _resolve_offsets(op: str, n: int, group_size: int | None, group_offsets: tor
     return group_offsets.to(torch.int64).contiguous()
 
 
+def reward_limit(dtype: torch.dtype, omega: float = 0.0, tau: float = 2.0) -> float:
+    """Largest |R_verif| the group ops accept in ``dtype``: with it no output can overflow.
+
+    |R_final| <= |R| * (1 + omega / tau) (the bonus is at most |R| / tau), and |R_final - mean|
+    <= 2 max |R_final|, so bounding max |R_final| by a quarter of the dtype's largest value
+    keeps R_final and the advantages (also unscaled ones) finite. The statistics are taken in
+    float64, where the squares of float32 values cannot overflow; for float64 rewards the bound
+    is 1e100, so that the squares stay finite there too.
+    """
+    return min(torch.finfo(dtype).max / 4, 1e100) / (1.0 + omega / tau)
+
+
+def _check_param(op: str, name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float, which must be finite and > 0 (``positive``) or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        raise ValueError(f"{op}: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {v}")
+    return v
+
+
 def _first_bad(x: torch.Tensor, bad: torch.Tensor) -> tuple[int, float]:
     i = int(bad.nonzero()[0, 0])
     return i, float(x[i])
 
 
-def _check_values(op: str, confidence: torch.Tensor | None, rewards: torch.Tensor | None) -> None:
-    """No NaN/inf anywhere, confidence <= 0. One aminmax per tensor and one host sync."""
+def _check_values(op: str, confidence: torch.Tensor | None, rewards: torch.Tensor | None,
+                  omega: float = 0.0, tau: float = 2.0) -> None:
+    """No NaN/inf anywhere, confidence <= 0, |rewards| <= :func:`reward_limit`. One aminmax per
+    tensor and one host sync."""
     if torch.compiler.is_compiling():
         return
     named = [(n, t) for n, t in (("confidence", confidence), ("rewards", rewards))
@@ -105,6 +133,14 @@ def _check_values(op: str, confidence: torch.Tensor | None, rewards: torch.Tenso
             i, v = _first_bad(t, t > 0)
             raise ValueError(f"{op}: confidence must be <= 0 (a mean token log-prob), got "
                              f"confidence[{i}] = {v}")
+        if name == "rewards":
+            limit = reward_limit(t.dtype, omega, tau)
+            if max(-lo, hi) > limit:
+                i, v = _first_bad(t, t.double().abs() > limit)
+                why = f" with omega = {omega}, tau = {tau}" if omega else ""
+                raise ValueError(f"{op}: rewards must satisfy |R| <= {limit:.4g} in "
+                                 f"{str(t.dtype).replace('torch.', '')}{why} (so that R_final "
+                                 f"and the advantages cannot overflow), got rewards[{i}] = {v}")
 
 
 def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *,
@@ -114,15 +150,16 @@ def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *
 
     confidence: ``[N]`` float, <= 0 (mean token log-probs), finite; values above
     ``reference.CONFIDENCE_CEIL`` are clamped to it. Groups sorted ascending (stable by position);
-    the response at sorted position k gets ``delta * sum_{j > k} c_j / c_k - delta * c_top``.
-    Returns ``[N]`` >= 0 in confidence's dtype; not differentiable.
+    the response at sorted position k gets ``delta * sum_{j > k} c_j / c_k - delta * c_top``;
+    delta: finite, >= 0. Returns ``[N]`` >= 0 in confidence's dtype; not differentiable.
     """
     op = "preference_scores"
+    delta = _check_param(op, "delta", delta)
     confidence = _check_data(confidence, "confidence", op)
     offsets = _resolve_offsets(op, confidence.shape[0], group_size, group_offsets,
                                confidence.device)
     _check_values(op, confidence, None)
-    return torch.ops.icpo.preference_scores(confidence, offsets, float(delta))
+    return torch.ops.icpo.preference_scores(confidence, offsets, delta)
 
 
 def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor,
@@ -135,10 +172,16 @@ def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor,
     Returns ``ICPOAdvantages(scores, rewards, advantages)``, each ``[N]`` in rewards' dtype:
     S (Eq. 9), R_final = R + omega * min(S, |R| / tau) (Eq. 11) and
     (R_final - mean) / (std + eps) per group (Eq. 5; population std unless ``unbiased``; without
-    ``scale`` only centered, as Dr. GRPO). A group of one gets advantage 0. ``omega = 0`` gives
-    bitwise :func:`grpo_advantages` of ``rewards``. Not differentiable.
+    ``scale`` only centered, as Dr. GRPO). A group whose R_final are all equal (a group of one
+    included) gets advantage exactly 0. ``omega = 0`` gives bitwise :func:`grpo_advantages` of
+    ``rewards``. delta, omega, eps: finite, >= 0; tau: finite, > 0; every |R| at most
+    :func:`reward_limit` (rewards' dtype, omega, tau), so nothing overflows. Not differentiable.
     """
     op = "icpo_advantages"
+    delta = _check_param(op, "delta", delta)
+    tau = _check_param(op, "tau", tau, positive=True)
+    omega = _check_param(op, "omega", omega)
+    eps = _check_param(op, "eps", eps)
     confidence = _check_data(confidence, "confidence", op)
     rewards = _check_data(rewards, "rewards", op)
     if confidence.shape != rewards.shape:
@@ -148,14 +191,13 @@ def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor,
         raise ValueError(f"{op}: confidence and rewards must be on one device, got "
                          f"{confidence.device} and {rewards.device}")
     offsets = _resolve_offsets(op, rewards.shape[0], group_size, group_offsets, rewards.device)
-    _check_values(op, confidence, rewards)
+    _check_values(op, confidence, rewards, omega, tau)
     out_dtype = rewards.dtype
     if confidence.dtype != out_dtype:  # the kernel takes one dtype: compute in the wider one
         common = torch.promote_types(confidence.dtype, out_dtype)
         confidence, rewards = confidence.to(common), rewards.to(common)
     scores, final, adv = torch.ops.icpo.icpo_advantages(
-        confidence, rewards, offsets, float(delta), float(tau), float(omega), bool(scale),
-        bool(unbiased), float(eps))
+        confidence, rewards, offsets, delta, tau, omega, bool(scale), bool(unbiased), eps)
     if scores.dtype != out_dtype:
         scores, final, adv = scores.to(out_dtype), final.to(out_dtype), adv.to(out_dtype)
     return ICPOAdvantages(scores, final, adv)
@@ -165,15 +207,16 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                     group_offsets: torch.Tensor | None = None, scale: bool = True,
                     unbiased: bool = False, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages (Eq. 5): ``(R - mean) / (std + eps)`` per group, or ``R - mean`` without
-    ``scale``. rewards: ``[N]`` float, finite. Returns ``[N]`` in rewards' dtype; a group of one
-    gets 0 (also with ``unbiased``). Not differentiable.
+    ``scale``. rewards: ``[N]`` float, finite, |R| <= :func:`reward_limit` (rewards' dtype);
+    eps: finite, >= 0. Returns ``[N]`` in rewards' dtype; a group whose rewards are all equal (a
+    group of one included, also with ``unbiased``) gets exactly 0. Not differentiable.
     """
     op = "grpo_advantages"
+    eps = _check_param(op, "eps", eps)
     rewards = _check_data(rewards, "rewards", op)
     offsets = _resolve_offsets(op, rewards.shape[0], group_size, group_offsets, rewards.device)
     _check_values(op, None, rewards)
-    return torch.ops.icpo.grpo_advantages(rewards, offsets, bool(scale), bool(unbiased),
-                                          float(eps))
+    return torch.ops.icpo.grpo_advantages(rewards, offsets, bool(scale), bool(unbiased), eps)
 
 
 @torch.library.register_fake("icpo::preference_scores")

@@ -84,16 +84,21 @@ def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *
 
 def _normalize(rewards: torch.Tensor, offsets: list[int], scale: bool, unbiased: bool,
                eps: float) -> torch.Tensor:
-    """(R - mean_group) / (std_group + eps), or R - mean_group without ``scale``; G = 1 gives 0."""
+    """(R - mean_group) / (std_group + eps), or R - mean_group without ``scale``.
+
+    Statistics in float64 (no overflow of (R - mean)^2 for float32 rewards), the result in
+    rewards' dtype. A group whose rewards are all equal (G = 1 included) gets exactly 0: Eq. 5
+    gives R - mean = 0 there, but a rounded mean need not equal R (SPEC, worked examples).
+    """
     out = torch.zeros_like(rewards)
     for start, end in zip(offsets[:-1], offsets[1:]):
-        group = rewards[start:end]
-        if end - start == 1:
+        group = rewards[start:end].double()
+        if bool((group == group[0]).all()):
             continue
         centered = group - group.mean()
         if scale:
             centered = centered / (group.std(correction=1 if unbiased else 0) + eps)
-        out[start:end] = centered
+        out[start:end] = centered.to(rewards.dtype)
     return out
 
 
