@@ -1,8 +1,9 @@
-"""``icpo train`` and ``icpo eval``.
+"""``icpo train``, ``icpo eval`` and ``icpo filter-coarse``.
 
   icpo train --config examples/configs/tiny_cpu.yaml actor.lr=5e-5 trainer.total_steps=20
   icpo train --config run.yaml --resume            # newest checkpoint in trainer.output_dir
   icpo eval --model outputs/run/checkpoints/step_000020/model --data val.jsonl --n 4 --temperature 1.0
+  icpo filter-coarse --model icpo/tiny --data train.jsonl --out coarse.jsonl  # paper's coarse data
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter_coarse(args: argparse.Namespace) -> int:
+    from icpo.data.coarse import CoarseFilterError, CoarseFilterSpec, filter_coarse
+
+    spec = CoarseFilterSpec(
+        model=args.model, train_files=list(args.data), output=args.out, n=args.n,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        reward_function=args.reward, answer_weight=args.answer_weight,
+        format_weight=args.format_weight, prompt_key=args.prompt_key, answer_key=args.answer_key,
+        template=args.template, max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size, summary=args.summary, overwrite=args.overwrite)
+    try:
+        summary = filter_coarse(spec)
+    except CoarseFilterError as e:  # a bad argument, named in the message
+        print(f"icpo filter-coarse: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("output", "judged", "kept", "all_correct",
+                                               "all_wrong", "dropped_mixed", "kept_fraction")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", default="icpo.rewards.verifiable:compute_score")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=_eval)
+    fc = sub.add_parser(
+        "filter-coarse", help="the paper's coarse-grained data: keep the prompts whose G sampled "
+        "responses are all correct or all wrong", description="Sample G responses per prompt "
+        "with the base model and write the prompts whose responses were all correct or all "
+        "incorrect (the paper's coarse-grained setting, Table 2), plus a JSON summary. "
+        "See docs/experiments_protocol.md.")
+    fc.add_argument("--model", required=True, help="base model: Hugging Face folder, or icpo/tiny")
+    fc.add_argument("--data", required=True, nargs="+", help="training files (verl schema)")
+    fc.add_argument("--out", required=True, help="filtered data file to write (.jsonl or .parquet)")
+    fc.add_argument("--summary", default=None, help="JSON summary path (default: OUT.summary.json)")
+    fc.add_argument("--n", type=int, default=5, help="G, responses per prompt (paper: 5)")
+    fc.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    fc.add_argument("--max-new-tokens", type=int, default=3072)
+    fc.add_argument("--seed", type=int, default=0, help="sampling seed")
+    fc.add_argument("--reward", default="icpo.rewards.verifiable:compute_score",
+                    help="reward function; correct = its 'acc' (score > 0 for a plain number)")
+    fc.add_argument("--answer-weight", type=float, default=0.9)
+    fc.add_argument("--format-weight", type=float, default=0.1)
+    fc.add_argument("--prompt-key", default="prompt")
+    fc.add_argument("--answer-key", default="reward_model.ground_truth")
+    fc.add_argument("--template", default="r1", choices=["r1", "none"])
+    fc.add_argument("--max-prompt-length", type=int, default=2048)
+    fc.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    fc.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    fc.set_defaults(fn=_filter_coarse)
     return parser
 
 

@@ -110,8 +110,9 @@ class RewardConfig:
     """Size of the reward noise (paper: 0.3)."""
     noise_seed: int = 0
     """Seed of the reward-noise generator."""
-    coarse_filter: bool = False
-    """Coarse-grained setting: keep only prompts whose G rewards are all equal."""
+    drop_mixed_groups: bool = False
+    """At every step, train only on the groups whose G rewards are all equal (a harsher setting
+    than the paper's coarse-grained one, which filters the data once: ``icpo filter-coarse``)."""
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and the generation engine."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """Reward function, noise and coarse filter."""
+    """Reward function, noise and the per-step mixed-group filter."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """ICPO/GRPO advantage settings."""
     actor: ActorConfig = field(default_factory=ActorConfig)
@@ -323,7 +324,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Keys that were renamed or removed: naming one is an error that says what to use instead.
+_REMOVED = {
+    "reward.coarse_filter": (
+        "reward.coarse_filter was removed: it dropped every mixed group at every step, which is "
+        "not the paper's coarse-grained setting; use reward.drop_mixed_groups=true for that "
+        "per-step filter, or `icpo filter-coarse` to filter the training data once as the paper "
+        "does (docs/experiments_protocol.md)"),
+}
+
+
 def _unknown(key: str, prefix: str, cls: type) -> ConfigError:
+    if prefix + key in _REMOVED:
+        return ConfigError(_REMOVED[prefix + key])
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(names)}"

@@ -1,4 +1,4 @@
-"""icpo.rewards: format/answer rewards (Eq. 10), plug-in loading, RewardFn, noise, coarse mask."""
+"""icpo.rewards: format/answer rewards (Eq. 10), plug-in loading, RewardFn, noise, uniform groups."""
 
 import threading
 
@@ -12,12 +12,12 @@ from icpo.rewards import (
     RewardFn,
     add_reward_noise,
     answer_reward,
-    coarse_group_mask,
     compute_score,
     extract_answer,
     format_reward,
     load_reward_fn,
     num_noisy,
+    uniform_group_mask,
 )
 
 
@@ -207,7 +207,7 @@ def test_reward_fn_rejects_bad_outputs():
         RewardFn(RewardConfig())([_rec("x")] * 2, ["a", "b", "c"])
 
 
-# ----------------------------------------------------------------------------- noise, coarse
+# ----------------------------------------------------------------------- noise, uniform groups
 
 @pytest.mark.parametrize("n, fraction", [(10, 0.4), (768 * 5, 0.4), (7, 0.5), (5, 0.0), (6, 1.0)])
 def test_noise_exact_count_and_magnitude(n, fraction):
@@ -247,13 +247,13 @@ def test_noise_rejects_bad_inputs():
         add_reward_noise(torch.zeros(4), 0.4, 0.3, 0)
 
 
-def test_coarse_group_mask():
+def test_uniform_group_mask():
     r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, 0.9, 0.9, 0.9])
-    assert coarse_group_mask(r, 3).tolist() == [True, True, False, True]
-    assert coarse_group_mask(r, 1).tolist() == [True] * 12
-    assert coarse_group_mask(r, 12).tolist() == [False]
+    assert uniform_group_mask(r, 3).tolist() == [True, True, False, True]
+    assert uniform_group_mask(r, 1).tolist() == [True] * 12
+    assert uniform_group_mask(r, 12).tolist() == [False]
     with pytest.raises(ValueError, match="group_size"):
-        coarse_group_mask(r, 5)
+        uniform_group_mask(r, 5)
 
 
 @pytest.mark.parametrize("answer, truth", [

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from icpo.rewards.noise import add_reward_noise, coarse_group_mask, num_noisy
+from icpo.rewards.noise import add_reward_noise, num_noisy, uniform_group_mask
 from icpo.rewards.verifiable import answer_reward, compute_score, extract_answer, format_reward
 
 
@@ -136,6 +136,6 @@ class RewardFn:
 
 
 __all__ = [
-    "RewardBatch", "RewardFn", "add_reward_noise", "answer_reward", "coarse_group_mask",
-    "compute_score", "extract_answer", "format_reward", "load_reward_fn", "num_noisy",
+    "RewardBatch", "RewardFn", "add_reward_noise", "answer_reward", "compute_score",
+    "extract_answer", "format_reward", "load_reward_fn", "num_noisy", "uniform_group_mask",
 ]

@@ -1,9 +1,10 @@
-"""The paper's noisy-reward and coarse-grained-reward settings (Sec. 4.3, App. B.1; SPEC).
+"""The paper's noisy-reward setting (Sec. 4.3, App. B.1; SPEC) and the per-step mixed-group filter.
 
 Noisy: at every step, exactly ``round(fraction * N)`` of the N responses, chosen uniformly at
 random, get ``+magnitude`` or ``-magnitude`` (random sign, each with probability 1/2) added to
-their verifiable reward (paper: 40 % and 0.3). Coarse-grained: keep only the prompts whose G
-responses all received the same reward.
+their verifiable reward (paper: 40 % and 0.3). ``reward.drop_mixed_groups``: at every step, keep
+only the prompts whose G responses all received the same reward (not the paper's coarse-grained
+setting, which filters the training data once: :mod:`icpo.data.coarse`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def add_reward_noise(rewards: torch.Tensor, fraction: float, magnitude: float,
     return noisy, mask.to(rewards.device)
 
 
-def coarse_group_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def uniform_group_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """bool ``[N / group_size]``: True for groups (consecutive ``group_size`` rewards) whose
-    rewards are all exactly equal, the prompts the coarse-grained setting keeps."""
+    rewards are all exactly equal, the groups ``reward.drop_mixed_groups`` keeps."""
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards: expected a 1-D tensor, got {_describe(rewards)}")
     if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:

@@ -216,7 +216,7 @@ def score_all(model: torch.nn.Module, batches: list[PackedBatch], temperature: f
               with_entropy: bool = True, lockstep_batches: int | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenated response log-probs (and entropies) of ``batches`` in order, no gradient
-    (empty tensors for no batches: a rank whose groups the coarse filter dropped).
+    (empty tensors for no batches: a rank whose groups drop_mixed_groups dropped).
 
     ``lockstep_batches``: run one forward per batch and pad with forwards on ``filler`` batches
     to this many (the most any rank has), so every rank runs as many (ZeRO-3)."""
