@@ -3,8 +3,8 @@ prompts, G = 3-4, 24-token responses, 1-4 steps each.
 
 Covered: one ICPO step (every metric, finite loss, weights move); GRPO == ICPO at omega 0;
 fused scoring+update == separate passes; crash + resume == uninterrupted run; checkpoint layout;
-two-process torchrun runs (plain, and ZeRO-2 with ranks given unequal work); the noisy and
-coarse-grained reward settings; bad data and resume-path errors. CLI tests: test_cli.py.
+two-process torchrun runs (plain, and ZeRO-2 with ranks given unequal work); the noisy-reward
+setting and the per-step mixed-group filter; bad data and resume-path errors. CLI tests: test_cli.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import icpo.trainer.trainer as trainer_mod
+from icpo.algorithms.premise import premise_metrics
 from icpo.config import config_from_dict
 from icpo.data.dataset import DataError
 from icpo.tasks.arithmetic import make_records, write_jsonl
@@ -47,7 +48,7 @@ _calls = [0]
 
 def rank_skewed(data_source, solution_str, ground_truth, extra_info=None):
     """Rank 0: 1.0 for everything (every group uniform). Other ranks: 0, 1, 0, 1, ... by call
-    (no group of G >= 2 consecutive responses is uniform), so the coarse filter leaves rank 0
+    (no group of G >= 2 consecutive responses is uniform), so drop_mixed_groups leaves rank 0
     all its groups and the others none."""
     import os
 
@@ -57,7 +58,7 @@ def rank_skewed(data_source, solution_str, ground_truth, extra_info=None):
     return float(_calls[0] % 2)
 
 
-def coarse(data_source, solution_str, ground_truth, extra_info=None):
+def mixed_by_parity(data_source, solution_str, ground_truth, extra_info=None):
     """Even answers: the same reward for every response (a uniform group). Odd answers: the
     parity of the response's length, which varies within a group."""
     if int(ground_truth) % 2 == 0:
@@ -138,7 +139,8 @@ class SpyAdvantages:
         def spy(confidence, rewards, group_size, algo_cfg, omega, **kw):
             out = real(confidence, rewards, group_size, algo_cfg, omega, **kw)
             self.calls.append({"rewards": rewards.clone(), "group_size": group_size,
-                               "omega": omega, "advantages": out.advantages.clone()})
+                               "omega": omega, "advantages": out.advantages.clone(),
+                               "confidence": confidence.clone(), "scores": out.scores.clone()})
             return out
 
         monkeypatch.setattr(trainer_mod, "compute_advantages", spy)
@@ -214,6 +216,13 @@ def test_grpo_equals_icpo_at_omega_zero(tiny_random_model_dir, task_data, tmp_pa
                        if not k.startswith("icpo/score/")}
     assert [strip(r) for r in im] == [strip(r) for r in gm]
     assert_same_weights(iw, gw)
+    # The premise diagnostics (the same for GRPO, which logs the scores ICPO would use), from
+    # the step's confidences, correctness (the ``varied`` reward: acc = score > 0) and scores.
+    for call, line in zip(ic, im):
+        want = premise_metrics(call["confidence"], call["rewards"] > 0, call["rewards"],
+                               call["scores"], call["group_size"], 2.0)
+        assert want["premise/pairs"] > 0 and "premise/bonus_at_cap" in want
+        assert {k: v for k, v in line.items() if k.startswith("premise/")} == want
 
 
 # ----------------------------------------------------------------------------- fused pass
@@ -356,19 +365,19 @@ def write_yaml(path: Path, d: dict) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["zero0", "zero2_coarse_uneven", "zero3"])
+@pytest.mark.parametrize("variant", ["zero0", "zero2_drop_mixed_uneven", "zero3"])
 def test_two_process_torchrun(tiny_random_model_dir, task_data, tmp_path, variant):
-    """``zero0``: the plain data-parallel run. ``zero2_coarse_uneven``: ZeRO-2 reduces gradients
-    in every backward, and the coarse filter leaves rank 0 four groups and rank 1 none, so the
+    """``zero0``: the plain data-parallel run. ``zero2_drop_mixed_uneven``: ZeRO-2 reduces
+    gradients in every backward, and drop_mixed_groups leaves rank 0 four groups and rank 1 none, so the
     ranks' work differs; the trainer must keep their collectives in step (no hang)."""
     out = tmp_path / "ddp"
     d = base_dict(tiny_random_model_dir, task_data, out)
     d["trainer"].update(total_steps=2, eval_every=2)
-    if variant == "zero2_coarse_uneven":
+    if variant == "zero2_drop_mixed_uneven":
         d["trainer"].update(zero_stage=2, train_batch_size=8)
         d["rollout"]["n"] = 3
         d["actor"]["ppo_mini_batch_size"] = 4
-        d["reward"].update(coarse_filter=True, function=f"{task_data[2]}:rank_skewed")
+        d["reward"].update(drop_mixed_groups=True, function=f"{task_data[2]}:rank_skewed")
     if variant == "zero3":
         # Parameters partitioned: every forward gathers them with collectives, so both ranks must
         # run as many forwards, whatever their samples' lengths and micro-batch counts.
@@ -385,9 +394,9 @@ def test_two_process_torchrun(tiny_random_model_dir, task_data, tmp_path, varian
     assert "val/accuracy" in lines[0] and "val/accuracy" in lines[2]
     for ln in lines[1:]:
         assert all(k in ln for k in ("reward/mean", "advantage/std", "actor/pg_loss"))
-        if variant == "zero2_coarse_uneven":
+        if variant == "zero2_drop_mixed_uneven":
             # Gathered over both ranks: 4 of 8 groups kept (rank 0 alone would say 1.0).
-            assert ln["coarse/kept_group_frac"] == 0.5
+            assert ln["drop_mixed_groups/kept_group_frac"] == 0.5
             # Kept groups have equal rewards, and ICPO's bonus is capped at |R| / tau: no signal.
             assert ln["advantage/std"] == 0.0
     ckpt = out / "checkpoints" / "step_000002"
@@ -441,8 +450,8 @@ def test_noisy_rewards(tiny_random_model_dir, task_data, tmp_path, monkeypatch):
     assert not torch.equal(spy.calls[0]["rewards"] - clean[0], spy.calls[1]["rewards"] - clean[1])
 
 
-def test_coarse_filter_keeps_only_uniform_groups(tiny_random_model_dir, task_data, tmp_path,
-                                                 monkeypatch):
+def test_drop_mixed_groups_keeps_only_uniform_groups(tiny_random_model_dir, task_data, tmp_path,
+                                                     monkeypatch):
     spy = SpyAdvantages(monkeypatch)
     updates: list[list[list[int]]] = []
     real_update = Trainer._update
@@ -460,11 +469,12 @@ def test_coarse_filter_keeps_only_uniform_groups(tiny_random_model_dir, task_dat
         return real_rewards(self, ro, step)
 
     monkeypatch.setattr(Trainer, "_rewards", spy_rewards)
-    out = tmp_path / "coarse"
+    out = tmp_path / "drop_mixed"
     n = 3
     trainer = Trainer(make_cfg(tiny_random_model_dir, task_data, out, f"rollout.n={n}",
                                "trainer.train_batch_size=8", "actor.ppo_mini_batch_size=4",
-                               "reward.coarse_filter=true", f"reward.function={task_data[2]}:coarse",
+                               "reward.drop_mixed_groups=true",
+                               f"reward.function={task_data[2]}:mixed_by_parity",
                                "trainer.total_steps=2", "trainer.eval_every=0"))
     clean = _clean_reward_spy(trainer)
     trainer.train()
@@ -474,7 +484,7 @@ def test_coarse_filter_keeps_only_uniform_groups(tiny_random_model_dir, task_dat
     for line, r0, responses in zip(steps, clean, rollouts):
         groups = r0.view(-1, n).tolist()
         keep = [len(set(g)) == 1 for g in groups]
-        assert line["coarse/kept_group_frac"] == sum(keep) / len(keep)
+        assert line["drop_mixed_groups/kept_group_frac"] == sum(keep) / len(keep)
         fracs.append(sum(keep) / len(keep))
         expected = [responses[g * n + j] for g, kept in enumerate(keep) if kept for j in range(n)]
         if any(keep):

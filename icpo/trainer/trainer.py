@@ -1,7 +1,7 @@
 """The GRPO / ICPO training loop: rollout, score, advantages, PPO updates, sync, log, save.
 
 One step (shared/DESIGN.md): sample G responses per prompt; verifiable rewards (+ optional
-noise / coarse filter); old log-probs and entropy with the fused kernel on packed sequences;
+noise / mixed-group drop); old log-probs and entropy with the fused kernel on packed sequences;
 confidence = segment mean of old log-probs; reference log-probs; ICPO or GRPO advantages;
 ``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts, each a DeepSpeed
 step over token-budget micro-batches; weights pushed to the rollout engine.
@@ -19,9 +19,10 @@ import torch
 
 from icpo import ops
 from icpo.algorithms import compute_advantages, default_delta, grpo_loss, omega_at
+from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler, load_files
-from icpo.rewards import RewardFn, add_reward_noise, coarse_group_mask
+from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
 from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
@@ -135,9 +136,9 @@ class Trainer:
         return rewards, rb.acc.float(), stats
 
     def _keep_groups(self, ro: Rollout, rewards: torch.Tensor, acc: torch.Tensor):
-        """Coarse-grained setting: keep only groups whose G rewards are all equal."""
+        """``reward.drop_mixed_groups``: keep only groups whose G rewards are all equal."""
         n = self.cfg.rollout.n
-        keep = coarse_group_mask(rewards, n)
+        keep = uniform_group_mask(rewards, n)
         idx = [i for g in torch.nonzero(keep).flatten().tolist() for i in range(g * n, (g + 1) * n)]
         sub = Rollout([ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
                       [ro.records[i] for i in idx], [ro.finish_reasons[i] for i in idx])
@@ -155,7 +156,7 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         # Every rank must take as many optimizer steps (each reduces gradients over ranks), but
-        # the coarse filter leaves ranks with different numbers of groups: the short ones take
+        # drop_mixed_groups leaves ranks with different numbers of groups: the short ones take
         # steps on empty mini-batches (zero gradient).
         local_steps = -(-num_groups // self.mini_prompts)
         per_epoch = max(1, int(dist.all_gather_floats(torch.tensor([float(local_steps)])).max()))
@@ -255,14 +256,14 @@ class Trainer:
         t1 = time.perf_counter()
         rewards, acc, metrics = self._rewards(ro, step)
         metrics.update(self._rollout_metrics(ro, rewards, acc))
-        if cfg.reward.coarse_filter:
+        if cfg.reward.drop_mixed_groups:
             ro, rewards, acc, kept = self._keep_groups(ro, rewards, acc)
-            metrics["coarse/kept_group_frac"] = kept
+            metrics["drop_mixed_groups/kept_group_frac"] = kept
         t["time/reward"] = time.perf_counter() - t1
         # All ranks learn or none: the update's collectives need every rank, also one whose
-        # groups the coarse filter dropped.
+        # groups drop_mixed_groups dropped.
         if dist.all_reduce_sum(torch.tensor([float(len(ro.response_ids))])).item() > 0:
-            metrics.update(self._learn(ro, rewards, omega, t, step))
+            metrics.update(self._learn(ro, rewards, omega, t, step, acc))
         self._sync_weights()
         t["time/step"] = time.perf_counter() - t0
         n_tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, ro.response_ids)))]))
@@ -270,7 +271,7 @@ class Trainer:
         metrics["omega"], metrics["delta"] = omega, self.delta
         return {**metrics, **t}
 
-    def _learn(self, ro: Rollout, rewards, omega: float, t: dict, step: int) -> dict:
+    def _learn(self, ro: Rollout, rewards, omega: float, t: dict, step: int, acc=None) -> dict:
         cfg, n = self.cfg, self.cfg.rollout.n
         batches = micro_batches(ro.prompt_ids, ro.response_ids, list(range(len(ro.response_ids))),
                                 cfg.actor.max_tokens_per_micro_batch)
@@ -325,6 +326,12 @@ class Trainer:
         metrics["confidence/group_std"] = all_conf.view(-1, n).std(dim=1, correction=0).mean().item()
         ent = dist.all_reduce_sum(torch.tensor([entropy.double().sum().item(), entropy.numel()]))
         metrics["entropy"] = (ent[0] / ent[1]).item()
+        if acc is not None:  # does ICPO's premise hold here? (GRPO: the scores ICPO would use)
+            scores = adv.scores if cfg.algorithm.name == "icpo" else ops.preference_scores(
+                confidence, n, delta=self.delta)
+            metrics.update(premise_metrics(
+                all_conf, dist.all_gather_floats(acc) > 0.5, dist.all_gather_floats(rewards),
+                dist.all_gather_floats(scores), n, cfg.algorithm.tau))
         return metrics
 
     def _rollout_metrics(self, ro: Rollout, rewards, acc) -> dict[str, float]:
