@@ -67,6 +67,25 @@ def test_equal_fused_rewards_give_exact_zero_icpo(dtype, norm):
             assert _nonzero(out.advantages, offsets) == [], f"{fn.__module__}, R = {value}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_equal_groups_and_large_rewards(dtype):
+    offsets = _all_sizes_offsets().cuda()
+    n = int(offsets[-1])
+    conf = (-2.0 - torch.rand(n, dtype=torch.float64)).to(dtype).cuda()
+    for norm in NORM:
+        for value in EQUAL_VALUES:
+            rewards = torch.full((n,), value, dtype=dtype, device="cuda")
+            got = grpo_advantages(rewards, group_offsets=offsets, **norm)
+            assert _nonzero(got.cpu(), offsets.cpu()) == [], (norm, value)
+            out = icpo_advantages(conf, rewards, group_offsets=offsets, omega=1.0, **norm)
+            if bool((out.rewards == out.rewards[0]).all()):
+                assert _nonzero(out.advantages.cpu(), offsets.cpu()) == [], (norm, value)
+    if dtype in (torch.float32, torch.bfloat16):
+        r = (torch.tensor([1.0, -1.0] * 4) * 1e37).to(dtype).cuda()
+        torch.testing.assert_close(grpo_advantages(r, 8).cpu(), grpo_advantages(r.cpu(), 8))
+
+
 def test_issue_figures_eight_and_sixteen_rewards_of_0_9():
     """The issue's figures: eight rewards of 0.9 gave -0.056 each, sixteen 0.107 (float32)."""
     for g in (8, 16):
