@@ -1,0 +1,128 @@
+"""icpo.integrations.trl: ICPOTrainer inside TRL 1.16 on the bundled tiny model (CPU).
+
+omega = 0 gives exactly TRL's GRPO advantages and loss on the same batch; omega > 0 gives
+icpo.ops.icpo_advantages of TRL's rewards and of confidences recomputed here with TRL's own
+log-prob path; a short run raises the reward.
+"""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'icpo[trl]')")
+if trl.__version__ != "1.16.0":
+    pytest.skip(f"icpo.integrations.trl is pinned to trl 1.16.0, found {trl.__version__}",
+                allow_module_level=True)
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from icpo import ops  # noqa: E402
+from icpo.data.templates import build_prompt  # noqa: E402
+from icpo.integrations.trl import ICPOConfig, ICPOTrainer  # noqa: E402
+from icpo.models import resolve_model_path  # noqa: E402
+from icpo.rewards.verifiable import compute_score  # noqa: E402
+from icpo.tasks.arithmetic import make_records  # noqa: E402
+
+MODEL = resolve_model_path("icpo/tiny")
+G = 4
+
+
+def verifiable(prompts, completions, ground_truth, data_source, **_):
+    """icpo's arithmetic reward in TRL's reward-function signature."""
+    return [compute_score(s, c, gt)["score"] for s, c, gt in zip(data_source, completions, ground_truth)]
+
+
+def dataset(n, seed=0):
+    tok = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    recs = make_records("train", n, seed=seed)
+    return tok, Dataset.from_dict({
+        "prompt": [build_prompt(tok, r["prompt"], "r1") for r in recs],
+        "ground_truth": [r["reward_model"]["ground_truth"] for r in recs],
+        "data_source": [r["data_source"] for r in recs]})
+
+
+def config(cls, tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                model_init_kwargs={"dtype": torch.float32}, per_device_train_batch_size=4 * G,
+                gradient_accumulation_steps=1, num_generations=G, max_completion_length=24,
+                temperature=1.0, top_k=0, top_p=1.0, logging_strategy="no", save_strategy="no",
+                disable_tqdm=True, seed=0, use_vllm=False, dataloader_num_workers=0)
+    base.update(kw)
+    return cls(**base)
+
+
+def trainer(cls, args, tmp_path):
+    tok, data = dataset(8)
+    t = cls(model=MODEL, reward_funcs=verifiable, args=args, train_dataset=data,
+            processing_class=tok)
+    t.model.train()
+    t.current_gradient_accumulation_steps = 1  # set by the training loop; needed by the loss
+    return t, [row for row in data.select(range(4)) for _ in range(G)]
+
+
+def scored(t, rows):
+    torch.manual_seed(123)
+    return t._generate_and_score_completions(rows)
+
+
+def test_omega_zero_is_trl_grpo(tmp_path, one_thread):
+    grpo, rows = trainer(GRPOTrainer, config(GRPOConfig, tmp_path), tmp_path)
+    icpo, _ = trainer(ICPOTrainer, config(ICPOConfig, tmp_path, omega_max=0.0), tmp_path)
+    want, got = scored(grpo, rows), scored(icpo, rows)
+    assert torch.equal(want["completion_ids"], got["completion_ids"])  # the same samples
+    assert want["advantages"].abs().sum() > 0  # rewards differ inside some group
+    assert torch.equal(got["advantages"], want["advantages"])
+    assert torch.equal(icpo.compute_loss(icpo.model, got), grpo.compute_loss(grpo.model, want))
+
+
+def test_omega_positive_is_icpo_advantages(tmp_path, one_thread):
+    args = config(ICPOConfig, tmp_path, omega_schedule="constant", omega_max=1.0,
+                  icpo_delta=0.5, icpo_tau=2.0)
+    t, rows = trainer(ICPOTrainer, args, tmp_path)
+    t.state.max_steps = 10
+    out = scored(t, rows)
+    # Confidence recomputed independently, with TRL's own (fused-head) log-prob path.
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        logp, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn,
+                                                          out["completion_ids"].size(1))
+    mask = out["completion_mask"].float()
+    confidence = (logp * mask).sum(1) / mask.sum(1)
+    rewards = t._rewards_all.sum(1)
+    want = ops.icpo_advantages(confidence, rewards, G, delta=0.5, tau=2.0, omega=1.0,
+                               unbiased=True, eps=1e-4)
+    assert want.scores.abs().sum() > 0
+    torch.testing.assert_close(out["advantages"], want.advantages, rtol=1e-5, atol=1e-5)
+    grpo = ops.grpo_advantages(rewards, G, unbiased=True, eps=1e-4)
+    assert not torch.allclose(out["advantages"], grpo)  # the bonus changed something
+
+
+def test_config_rejects_bad_icpo_fields(tmp_path):
+    with pytest.raises(ValueError, match="omega_schedule"):
+        config(ICPOConfig, tmp_path, omega_schedule="cosine")
+    with pytest.raises(ValueError, match="icpo_tau"):
+        config(ICPOConfig, tmp_path, icpo_tau=0.0)
+
+
+def test_short_run_learns(tmp_path, one_thread):
+    """20 steps of ICPOTrainer.train() on a dense reward (shorter completions score higher): the
+    reward of the last five steps is well above that of the first five."""
+    def brevity(completion_ids, **_):
+        return [1.0 - len(c) / 32 for c in completion_ids]
+
+    steps, prompts, gen = 20, 2, 8
+    args = config(ICPOConfig, tmp_path, per_device_train_batch_size=prompts * gen,
+                  num_generations=gen, learning_rate=1e-3, max_steps=steps, max_completion_length=32,
+                  logging_strategy="steps", logging_steps=1, lr_scheduler_type="constant",
+                  warmup_steps=0, beta=0.0, icpo_delta=0.5)
+    tok, data = dataset(prompts * steps, seed=1)
+    t = ICPOTrainer(model=MODEL, reward_funcs=brevity, args=args, train_dataset=data,
+                    processing_class=tok)
+    t.train()
+    logs = [h for h in t.state.log_history if "reward" in h]
+    assert len(logs) == steps and max(h["icpo/omega"] for h in logs) > 0.5
+    first = sum(h["reward"] for h in logs[:5]) / 5
+    last = sum(h["reward"] for h in logs[-5:]) / 5
+    assert last > first + 0.2, (first, last)
