@@ -1,0 +1,71 @@
+"""icpo.integrations.verl on verl's own DataProto and registry (verl 0.9.1, imported on CPU).
+
+verl is not an icpo dependency (its pip install pulls a CUDA stack); these tests skip without it.
+To run them: ``pip install --no-deps --target DIR verl ray omegaconf codetiming tensordict
+pyvers cloudpickle orjson`` and put DIR on PYTHONPATH.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="verl is not installed (see this file's docstring)")
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+from verl import DataProto  # noqa: E402
+
+from icpo import ops  # noqa: E402
+from icpo.integrations.verl import icpo_outcome_advantage, register_icpo_estimator  # noqa: E402
+
+
+def verl_batch(seed=0):
+    """A verl batch: 3 prompts x 3 responses plus a prompt sampled once, shuffled the way
+    balance_batch leaves it, padded to L = 6 with a response mask."""
+    g = torch.Generator().manual_seed(seed)
+    uids = np.array(["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"], dtype=object)
+    lengths = torch.tensor([3, 6, 1, 4, 2, 5, 6, 3, 2, 4])
+    perm = torch.randperm(10, generator=g)
+    uids, lengths = uids[perm.numpy()], lengths[perm]
+    mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    rewards = torch.zeros(10, 6)
+    rewards[torch.arange(10), lengths - 1] = torch.randint(0, 3, (10,), generator=g).float() / 2
+    old = -torch.rand(10, 6, generator=g) * 2 * mask
+    return DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
+                                        "old_log_probs": old},
+                               non_tensors={"uid": uids})
+
+
+def args(data):
+    return dict(token_level_rewards=data.batch["token_level_rewards"],
+                response_mask=data.batch["response_mask"], index=data.non_tensor_batch["uid"])
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_omega_zero_equals_verl_grpo(norm):
+    data = verl_batch()
+    want, _ = core_algos.compute_grpo_outcome_advantage(**args(data),
+                                                        norm_adv_by_std_in_grpo=norm)
+    got, _ = icpo_outcome_advantage(**args(data), old_log_probs=data.batch["old_log_probs"],
+                                    delta=0.5, omega=0.0, norm_adv_by_std_in_grpo=norm)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_registered_estimator_is_icpo_advantages():
+    est = register_icpo_estimator(delta=0.5, tau=2.0, omega=lambda step: 0.5 + step,
+                                  name="icpo_test")
+    assert core_algos.get_adv_estimator_fn("icpo_test") is est
+    data = verl_batch(seed=1)
+    got, _ = est(**args(data), old_log_probs=data.batch["old_log_probs"], config=None)
+    # The same batch by hand: groups made contiguous, confidence = masked mean log-prob.
+    uids, mask = data.non_tensor_batch["uid"], data.batch["response_mask"]
+    order = np.argsort(uids, kind="stable")
+    conf = (data.batch["old_log_probs"] * mask).sum(-1) / mask.sum(-1)
+    rewards = data.batch["token_level_rewards"].sum(-1)
+    multi = [i for i in order if (uids == uids[i]).sum() > 1]  # the groups of three
+    want = ops.icpo_advantages(conf[multi], rewards[multi], 3, delta=0.5, tau=2.0, omega=0.5,
+                               unbiased=True, eps=1e-6)
+    torch.testing.assert_close(got[multi, 0], want.advantages, rtol=1e-5, atol=1e-6)
+    assert want.scores.abs().sum() > 0
+    lone = int(np.flatnonzero(uids == "d")[0])  # verl's group of one: R / (1 + eps)
+    assert got[lone, 0].item() == pytest.approx(rewards[lone].item() / (1 + 1e-6))
+    with pytest.raises(ValueError, match="old_log_probs"):
+        est(**args(data), config=None)
