@@ -231,3 +231,17 @@ def test_immediate_eos_is_a_one_token_response():
     assert logp.grad[0] < 0  # the one-token response is trained: its EOS is made more likely
     with pytest.raises(ValueError, match="sample 1 has an empty prompt or response"):
         pack_samples([[1, 2], [1, 2]], [[eos], []], [0, 1])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("actor.clip_ratio_c=1.0", "actor.clip_ratio_c"),
+    ("actor.entropy_agg_mode=mean", "actor.entropy_agg_mode"),
+    ("algorithm.compat=openrlhf", "algorithm.compat"),
+    ("algorithm.std_scope=global", "algorithm.std_scope"),
+    ("actor.importance_sampling_level=seq", "actor.importance_sampling_level"),
+])
+def test_bad_compat_settings_name_the_field(override, field):
+    from icpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, [override])

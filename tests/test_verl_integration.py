@@ -69,3 +69,11 @@ def test_registered_estimator_is_icpo_advantages():
     assert got[lone, 0].item() == pytest.approx(rewards[lone].item() / (1 + 1e-6))
     with pytest.raises(ValueError, match="old_log_probs"):
         est(**args(data), config=None)
+    # verl's AlgoConfig carries norm_adv_by_std_in_grpo through to the estimator.
+    from verl.trainer.config import AlgoConfig
+
+    centred, _ = est(**args(data), old_log_probs=data.batch["old_log_probs"],
+                     config=AlgoConfig(norm_adv_by_std_in_grpo=False))
+    plain, _ = icpo_outcome_advantage(**args(data), old_log_probs=data.batch["old_log_probs"],
+                                      delta=0.5, omega=1.5, norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(centred, plain)
