@@ -126,3 +126,47 @@ def test_short_run_learns(tmp_path, one_thread):
     first = sum(h["reward"] for h in logs[:5]) / 5
     last = sum(h["reward"] for h in logs[-5:]) / 5
     assert last > first + 0.2, (first, last)
+
+
+@pytest.mark.slow
+def test_two_processes(tmp_path):
+    """Under torchrun with 2 CPU processes: ICPO's advantages come from the batch gathered over
+    both processes (scores and std over whole groups), each process keeping its own slice; with
+    omega = 0 they are TRL's GRPO advantages."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "runs.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), str(here / "trl_two_process_worker.py"), str(out), str(here)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    assert all(r["world"] == 2 for r in runs.values())
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    assert runs["icpo0"]["advantages"] == runs["grpo"]["advantages"]
+    r1 = runs["icpo1"]
+    want = ops.icpo_advantages(t(r1["confidence"]), t(r1["rewards"]), G, delta=0.5, tau=2.0,
+                               omega=1.0, unbiased=True, eps=1e-4)
+    assert len(r1["advantages"]) == 4 * G and want.scores.abs().sum() > 0
+    torch.testing.assert_close(t(r1["advantages"]), want.advantages, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(t(r1["advantages"]), t(runs["grpo"]["advantages"]))
+    # scale_rewards="batch": the std is over both processes' responses, not each one's own.
+    rb = runs["icpo1_batch"]
+    final = ops.icpo_advantages(t(rb["confidence"]), t(rb["rewards"]), G, delta=0.5, tau=2.0,
+                                omega=1.0, scale=False)
+    want = final.advantages / (final.rewards.std() + 1e-4)
+    torch.testing.assert_close(t(rb["advantages"]), want, rtol=1e-5, atol=1e-5)
+    local = final.advantages[:2 * G] / (final.rewards[:2 * G].std() + 1e-4)
+    assert not torch.allclose(t(rb["advantages"][:2 * G]), local)
