@@ -154,7 +154,7 @@ def test_aggregate_by_hand():
     assert aggregate(values, cu, "token-mean").item() == pytest.approx(3.5)
     assert aggregate(values, cu, "seq-mean-token-mean").item() == pytest.approx((1 + 2.5 + 5) / 3)
     assert aggregate(values, cu, "seq-mean-token-sum", 4).item() == pytest.approx(21 / 3)
-    assert aggregate(values, cu, "seq-mean-token-sum-norm", 4).item() == pytest.approx(21 / 4)
+    assert aggregate(values, cu, "seq-mean-token-sum-norm", 4).item() == pytest.approx(21 / 12)
     assert aggregate(values, cu, "dr_grpo", 4).item() == pytest.approx(21 / 12)
     assert aggregate(values, cu, "dapo").item() == pytest.approx(3.5)
     assert aggregate(values, cu, "grpo").item() == pytest.approx((1 + 2.5 + 5) / 3)
@@ -175,9 +175,7 @@ def padded_reference(values, cu, mode, max_len):
         return ((grid * mask).sum(-1) / mask.sum(-1)).mean()
     if mode == "seq-mean-token-sum":
         return (grid * mask).sum(-1).mean()
-    if mode == "seq-mean-token-sum-norm":
-        return (grid * mask).sum() / max_len
-    assert mode == "dr_grpo"
+    assert mode in ("seq-mean-token-sum-norm", "dr_grpo")
     return ((grid * mask).sum(-1) / max_len).mean()
 
 

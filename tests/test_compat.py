@@ -1,7 +1,7 @@
 """``algorithm.compat: verl | trl`` reproduces the peers' advantages and losses.
 
 The peers' formulas are re-implemented here, independently and on their padded ``[B, L]``
-layout, from their documented behaviour: verl's ``core_algos`` (GRPO outcome advantage,
+layout, from their documented behaviour: verl 0.9.1's ``core_algos`` (GRPO outcome advantage,
 ``agg_loss``, vanilla policy loss with dual-clip, ``low_var_kl``) and TRL 1.16's
 ``GRPOTrainer`` (group / batch / no reward scaling with eps 1e-4, the grpo / bnpo / dr_grpo /
 dapo loss types over gradient-accumulation micro-batches, sequence-level importance sampling,
@@ -78,8 +78,9 @@ def verl_agg_loss(mat, mask, mode, loss_scale_factor=None):
         return (mat * mask).sum(-1).mean()
     if mode == "seq-mean-token-mean":
         return ((mat * mask).sum(-1) / (mask.sum(-1) + 1e-8)).mean()
-    assert mode == "seq-mean-token-sum-norm"
-    return (mat * mask).sum() / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    assert mode == "seq-mean-token-sum-norm"  # verl >= 0.9: the seq-mean, then / the horizon
+    horizon = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+    return (mat * mask).sum(-1).mean() / horizon
 
 
 def verl_actor_loss(p, mode, clip=0.2, clip_ratio_c=3.0, kl_coef=0.001, entropy_coeff=0.01):

@@ -5,6 +5,9 @@ To run them: ``pip install --no-deps --target DIR verl ray omegaconf codetiming 
 pyvers cloudpickle orjson`` and put DIR on PYTHONPATH.
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +18,8 @@ from verl import DataProto  # noqa: E402
 
 from icpo import ops  # noqa: E402
 from icpo.integrations.verl import icpo_outcome_advantage, register_icpo_estimator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_compat, for its batch helpers
 
 
 def verl_batch(seed=0):
@@ -77,3 +82,38 @@ def test_registered_estimator_is_icpo_advantages():
     plain, _ = icpo_outcome_advantage(**args(data), old_log_probs=data.batch["old_log_probs"],
                                       delta=0.5, omega=1.5, norm_adv_by_std_in_grpo=False)
     torch.testing.assert_close(centred, plain)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_compat_verl_loss_is_verls_own(mode):
+    """algorithm.compat=verl: icpo's mini-batch loss, over icpo's own micro-batches, equals
+    verl's compute_policy_loss_vanilla (dual-clip) + low_var_kl + entropy through agg_loss,
+    run by verl on its micro-batches with the mini-batch totals (global_batch_info)."""
+    from omegaconf import OmegaConf
+
+    from icpo.config import load_config
+    from test_compat import batch, icpo_loss
+
+    L = 12
+    cfg = load_config(None, ["algorithm.compat=verl", f"actor.loss_agg_mode={mode}",
+                             "actor.entropy_coef=0.01", "actor.kl_coef=0.001"])
+    packed, p = batch([3, 12, 1, 7, 5, 9], seed=4)
+    p["adv"][1] = -2.0
+    p["logp"][1, :12] = p["old"][1, :12] + 1.5  # ratio e^1.5 > ... and dual-clip active at A<0
+    packed["logp"][3:15] = p["logp"][1, :12]
+    info = dict(dp_size=1, batch_num_tokens=int(p["mask"].sum()), global_batch_size=6,
+                loss_scale_factor=L)
+    vcfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                                 clip_ratio_c=3.0, global_batch_info=info))
+    want = 0.0
+    for idx in ([0, 1, 2], [3, 4, 5]):  # verl's micro-batches
+        m = p["mask"][idx]
+        adv = p["adv"][idx, None] * m
+        pg, _ = core_algos.compute_policy_loss_vanilla(p["old"][idx], p["logp"][idx], adv, m,
+                                                       loss_agg_mode=mode, config=vcfg)
+        kl = core_algos.kl_penalty(p["logp"][idx], p["ref"][idx], "low_var_kl")
+        want = (want + pg + 0.001 * core_algos.agg_loss(kl, m, mode, **info)
+                - 0.01 * core_algos.agg_loss(p["ent"][idx], m, mode, **info))
+    got = icpo_loss(cfg, packed, [[0, 1], [2], [3, 4, 5]])
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)

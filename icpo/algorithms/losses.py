@@ -15,7 +15,7 @@ of the micro-batches' token means): pass ``num_micro_batches`` for it.
 Mode names are the peers' and do the peers' arithmetic (docs/compat.md): verl's
 ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-sum-norm``
 (``verl.trainer.ppo.core_algos.agg_loss``) and TRL's loss types ``grpo``, ``bnpo``, ``dr_grpo``,
-``dapo`` (``GRPOTrainer._compute_loss``).
+``dapo`` (``GRPOTrainer._compute_loss``), as of verl 0.9.1 and TRL 1.16.0.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token
     - ``token-mean`` (verl) = ``dapo`` (TRL): S / N.
     - ``seq-mean-token-mean`` (verl) = ``grpo`` (TRL): sum_i (s_i / n_i) / B.
     - ``seq-mean-token-sum`` (verl): sum_i s_i / B.
-    - ``seq-mean-token-sum-norm`` (verl, ``loss_scale_factor`` = L): S / L -- no division by B.
-    - ``dr_grpo`` (TRL, L = ``max_completion_length``): S / (B * L).
+    - ``seq-mean-token-sum-norm`` (verl >= 0.9, ``loss_scale_factor`` = L) = ``dr_grpo`` (TRL,
+      L = ``max_completion_length``): S / (B * L). (verl 0.8 divided by L only: docs/compat.md.)
     - ``bnpo`` (TRL): (S / T) / ``num_micro_batches`` -- this call's own token mean, so the
       mini-batch value is the mean of its micro-batches' token means (TRL's definition).
     """
@@ -128,8 +128,6 @@ def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token
         if max_response_length is None or max_response_length <= 0:
             raise ValueError(f"max_response_length must be a positive int for {mode}, "
                              f"got {max_response_length!r}")
-        if mode == "seq-mean-token-sum-norm":
-            return values.sum() / max_response_length
         return values.sum() / (max_response_length * _positive("global_seqs", global_seqs, num_seqs))
     denom = _positive("global_seqs", global_seqs, num_seqs)
     if mode == "seq-mean-token-sum":  # the responses' token sums add up to S
