@@ -170,3 +170,55 @@ def test_two_processes(tmp_path):
     torch.testing.assert_close(t(rb["advantages"]), want, rtol=1e-5, atol=1e-5)
     local = final.advantages[:2 * G] / (final.rewards[:2 * G].std() + 1e-4)
     assert not torch.allclose(t(rb["advantages"][:2 * G]), local)
+
+
+def test_compat_trl_loss_is_trls_own(tmp_path, one_thread):
+    """algorithm.compat=trl: for each loss type and importance-sampling level, with the entropy
+    bonus, icpo's grpo_loss summed over TRL's two accumulation micro-batches equals the sum of
+    GRPOTrainer.compute_loss over them (TRL's own code, on a real generation batch)."""
+    from icpo.algorithms import grpo_loss
+    from icpo.config import load_config
+
+    args = config(GRPOConfig, tmp_path, per_device_train_batch_size=2 * G,
+                  gradient_accumulation_steps=2, steps_per_generation=2, entropy_coef=0.01)
+    t, rows = trainer(GRPOTrainer, args, tmp_path)
+    t.current_gradient_accumulation_steps = 2
+    batch = scored(t, rows)  # 16 completions: TRL splits them into 2 micro-batches of 8
+    mask = batch["completion_mask"]
+    C = mask.size(1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], mask], 1)
+    with torch.no_grad():
+        logp, ent, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn, C,
+                                                            compute_entropy=True)
+    old = (logp + (torch.rand(logp.shape, generator=g) - 0.5) * 0.6) * mask
+    adv = torch.randn(mask.size(0), generator=g)
+    micro = [slice(0, 2 * G), slice(2 * G, 4 * G)]
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for level in ("token", "sequence"):
+            t.loss_type, t.importance_sampling_level = loss_type, level
+            want = 0.0
+            with torch.no_grad():
+                for s in micro:
+                    inp = {k: batch[k][s] for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                    "completion_mask")}
+                    inp.update(advantages=adv[s], old_per_token_logps=old[s],
+                               num_items_in_batch=batch["num_items_in_batch"])
+                    want = want + t.compute_loss(t.model, inp)
+            cfg = load_config(None, ["algorithm.compat=trl", f"actor.loss_agg_mode={loss_type}",
+                                     f"actor.importance_sampling_level={level}",
+                                     "actor.entropy_coef=0.01"])
+            got = 0.0
+            for s in micro:
+                m = mask[s].bool()
+                lengths = m.sum(1)
+                cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+                loss, _ = grpo_loss(logp[s][m], old[s][m], None, ent[s][m],
+                                    torch.repeat_interleave(adv[s], lengths), cu, cfg.actor,
+                                    args.max_completion_length,
+                                    global_tokens=int(mask.sum()), global_seqs=mask.size(0),
+                                    num_micro_batches=len(micro))
+                got = got + loss
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
+                                       msg=f"{loss_type} / {level}")
