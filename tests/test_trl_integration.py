@@ -222,3 +222,19 @@ def test_compat_trl_loss_is_trls_own(tmp_path, one_thread):
                 got = got + loss
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
                                        msg=f"{loss_type} / {level}")
+
+
+def test_confidence_reuses_trl_old_logps(tmp_path, one_thread):
+    """With num_iterations > 1 TRL computes the old log-probs itself: the confidence is their
+    masked mean (no extra forward)."""
+    args = config(ICPOConfig, tmp_path, num_iterations=2, omega_schedule="constant",
+                  omega_max=1.0, icpo_delta=0.5)
+    t, rows = trainer(ICPOTrainer, args, tmp_path)
+    t.state.max_steps = 10
+    t._sampling_logps = None  # must not be called
+    out = scored(t, rows)
+    mask = out["completion_mask"].float()
+    confidence = (out["old_per_token_logps"] * mask).sum(1) / mask.sum(1)
+    want = ops.icpo_advantages(confidence, t._rewards_all.sum(1), G, delta=0.5, tau=2.0,
+                               omega=1.0, unbiased=True, eps=1e-4)
+    torch.testing.assert_close(out["advantages"], want.advantages, rtol=1e-5, atol=1e-5)

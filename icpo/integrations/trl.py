@@ -5,8 +5,9 @@ everything else (model, reward functions, dataset, generation, loss types, loggi
 After TRL generates and scores a batch, the trainer
 
 1. takes the log-probs of the completions under the policy that sampled them, at the sampling
-   temperature: TRL's ``sampling_per_token_logps`` (vLLM) or ``old_per_token_logps`` when TRL
-   computed them, else one no-grad forward scored by :func:`icpo.ops.token_logprobs`;
+   temperature: TRL's ``old_per_token_logps`` when TRL computed them, else vLLM's
+   ``sampling_per_token_logps`` when all finite, else one no-grad forward scored by
+   :func:`icpo.ops.token_logprobs`;
 2. confidence = :func:`icpo.ops.segment_mean` of them per completion (SPEC step 3);
 3. gathers confidences and rewards from all processes (TRL normalizes over the whole batch),
    computes :func:`icpo.ops.icpo_advantages` with TRL's conventions (Bessel std, eps 1e-4,
@@ -141,7 +142,10 @@ class ICPOTrainer(GRPOTrainer):
         mask = out["completion_mask"]
         if "tool_mask" in out:
             mask = mask * out["tool_mask"]
-        logp = out.get("sampling_per_token_logps", out.get("old_per_token_logps"))
+        logp = out.get("old_per_token_logps")
+        sampled = out.get("sampling_per_token_logps")  # vLLM's; NaN where it could not score
+        if logp is None and sampled is not None and torch.isfinite(sampled[mask.bool()]).all():
+            logp = sampled
         if logp is None:
             logp = self._sampling_logps(out)
         lengths = mask.sum(dim=1)
