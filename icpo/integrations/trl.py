@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from icpo import ops
-from icpo.algorithms import SCHEDULES, default_delta, omega_at
+from icpo.algorithms import SCHEDULES, compute_advantages, default_delta, omega_at
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
 
@@ -120,13 +120,13 @@ class ICPOTrainer(GRPOTrainer):
         confidence = self.accelerator.gather(self._confidence(out).to(rewards.device))
         G = self.num_generations if mode == "train" else self.num_generations_eval
         omega = self.omega()
-        scale = self.scale_rewards
-        res = ops.icpo_advantages(confidence, rewards, G, delta=self.icpo_delta,
-                                  tau=self.args.icpo_tau, omega=omega, scale=scale == "group",
-                                  unbiased=True, eps=1e-4)
+        # TRL's conventions: Bessel std, eps 1e-4, scale_rewards group / batch / none.
+        conventions = SimpleNamespace(
+            name="icpo", delta=self.icpo_delta, tau=self.args.icpo_tau, unbiased_std=True,
+            eps=1e-4, scale_advantages=self.scale_rewards != "none", group_of_one="zero",
+            std_scope="batch" if self.scale_rewards == "batch" else "group")
+        res = compute_advantages(confidence, rewards, G, conventions, omega)
         adv = res.advantages
-        if scale == "batch":  # TRL: group mean, batch std
-            adv = adv / ((res.rewards.std() if res.rewards.numel() > 1 else 0.0) + 1e-4)
         n_local = out["completion_ids"].size(0)
         start = self.accelerator.process_index * n_local
         out["advantages"] = adv[start:start + n_local].to(out["advantages"])
