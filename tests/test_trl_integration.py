@@ -2,7 +2,8 @@
 
 omega = 0 gives exactly TRL's GRPO advantages and loss on the same batch; omega > 0 gives
 icpo.ops.icpo_advantages of TRL's rewards and of confidences recomputed here with TRL's own
-log-prob path; a short run raises the reward.
+log-prob path; a short run raises the reward; two torchrun processes gather then slice. Also:
+``algorithm.compat: trl`` losses equal ``GRPOTrainer.compute_loss`` (TRL's own code).
 """
 
 import pytest
