@@ -107,6 +107,7 @@ def test_config_rejects_bad_icpo_fields(tmp_path):
         config(ICPOConfig, tmp_path, icpo_tau=0.0)
 
 
+@pytest.mark.slow  # ~14 s alone, over 20 s on a loaded machine
 def test_short_run_learns(tmp_path, one_thread):
     """20 steps of ICPOTrainer.train() on a dense reward (shorter completions score higher): the
     reward of the last five steps is well above that of the first five."""
