@@ -138,11 +138,20 @@ class AlgorithmConfig:
     omega: OmegaConfig = field(default_factory=OmegaConfig)
     """Schedule of omega, the weight of the preference score."""
     scale_advantages: bool = True
-    """Divide group-centred rewards by the group std (Eq. 5); False = Dr. GRPO style."""
+    """Divide group-centred rewards by the std (Eq. 5; verl's norm_adv_by_std_in_grpo);
+    False = Dr. GRPO style (TRL's scale_rewards="none")."""
+    std_scope: Literal["group", "batch"] = "group"
+    """Std of each group (verl; TRL's scale_rewards="group") or of the whole batch (TRL's
+    scale_rewards="batch"); the mean is always the group's."""
     unbiased_std: bool = False
-    """Group std with G - 1 (verl/TRL) instead of G (the paper's worked numbers)."""
+    """Std with n - 1 (verl/TRL) instead of n (the paper's worked numbers)."""
     eps: float = 1e-6
-    """Added to the group std before dividing."""
+    """Added to the std before dividing (verl 1e-6, TRL 1e-4)."""
+    group_of_one: Literal["zero", "reward"] = "zero"
+    """Advantage of a group of one response: 0 (icpo, TRL) or R / (1 + eps) (verl)."""
+    compat: Literal["verl", "trl"] | None = None
+    """Start from a peer's conventions (std, eps, group of one, loss mode, dual-clip, entropy
+    aggregation; docs/compat.md); explicit settings still win. None = icpo's defaults."""
     confidence: Literal["mean_logprob", "log_mean_prob"] = "mean_logprob"
     """Confidence c_i: mean token log-prob (SPEC default) or log of the mean token prob."""
 
@@ -169,8 +178,19 @@ class ActorConfig:
     """KL estimator between policy and reference."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (subtracted from the loss)."""
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses become one scalar."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm", "grpo", "bnpo", "dr_grpo",
+                           "dapo"] = "token-mean"
+    """How per-token losses become one scalar: verl's agg_loss modes or TRL's loss types, each
+    with its peer's arithmetic (docs/compat.md)."""
+    entropy_agg_mode: str | None = None
+    """Aggregation of the entropy bonus; None = loss_agg_mode (verl); "bnpo" = TRL's."""
+    clip_ratio_c: float | None = None
+    """Dual-clip (verl's clip_ratio_c, verl default 3): negative-advantage token losses capped
+    at -A * clip_ratio_c; None = off."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Ratio per token (PPO/GRPO) or per response from its mean log-ratio (GSPO; TRL's
+    importance_sampling_level)."""
     ppo_mini_batch_size: int = 192
     """Prompts per optimizer step (train_batch_size / this = updates per rollout batch)."""
     ppo_epochs: int = 1
@@ -437,6 +457,9 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
             errors.append(str(e))
 
 
+_AGG_MODES = typing.get_args(typing.get_type_hints(ActorConfig)["loss_agg_mode"])
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's type and range and the cross-field rules; raise one ConfigError
     listing every problem, each naming its dotted field. Returns ``cfg``."""
@@ -453,6 +476,11 @@ def validate(cfg: Config) -> Config:
     a, t, o = cfg.actor, cfg.trainer, cfg.algorithm.omega
     if not all(0 <= b < 1 for b in a.betas):
         errors.append(f"actor.betas: got {list(a.betas)!r}; expected two values in [0, 1)")
+    if a.clip_ratio_c is not None and not a.clip_ratio_c > 1:
+        errors.append(f"actor.clip_ratio_c: got {a.clip_ratio_c!r}; expected > 1 or null (off)")
+    if a.entropy_agg_mode is not None and a.entropy_agg_mode not in _AGG_MODES:
+        errors.append(f"actor.entropy_agg_mode: got {a.entropy_agg_mode!r}; expected null or one "
+                      f"of {', '.join(_AGG_MODES)}")
     if a.clip_high < a.clip_low:
         errors.append(f"actor.clip_high: got {a.clip_high!r}; expected >= actor.clip_low ({a.clip_low!r})")
     if a.ppo_mini_batch_size > t.train_batch_size or t.train_batch_size % a.ppo_mini_batch_size:
@@ -476,12 +504,25 @@ def validate(cfg: Config) -> Config:
 # --------------------------------------------------------------------------- public API
 
 def config_from_dict(d: dict[str, Any] | None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults, then mapping ``d`` merged recursively, then ``overrides``; validated."""
-    cfg = Config()
-    if d is not None:
-        _merge(cfg, d)
-    for item in overrides:
-        _apply_override(cfg, item)
+    """Defaults, then mapping ``d`` merged recursively, then ``overrides``; validated. When the
+    result names ``algorithm.compat``, that preset (:mod:`icpo.compat`) goes in right after the
+    defaults, so ``d`` and ``overrides`` still win over it."""
+    overrides = list(overrides)
+
+    def build(preset: dict[str, Any] | None) -> Config:
+        cfg = Config()
+        for mapping in (preset, d):
+            if mapping is not None:
+                _merge(cfg, mapping)
+        for item in overrides:
+            _apply_override(cfg, item)
+        return cfg
+
+    cfg = build(None)
+    if cfg.algorithm.compat is not None:
+        from icpo.compat import preset
+
+        cfg = build(preset(cfg.algorithm.compat))
     return validate(cfg)
 
 

@@ -9,7 +9,9 @@ from icpo.algorithms.advantages import (
 )
 from icpo.algorithms.losses import (
     AGG_MODES,
+    IS_LEVELS,
     KL_ESTIMATORS,
+    LENGTH_NORM_MODES,
     aggregate,
     broadcast_to_tokens,
     check_packed,
@@ -24,7 +26,9 @@ __all__ = [
     "AGG_MODES",
     "ALGORITHMS",
     "CONFIDENCE_KINDS",
+    "IS_LEVELS",
     "KL_ESTIMATORS",
+    "LENGTH_NORM_MODES",
     "SCHEDULES",
     "aggregate",
     "broadcast_to_tokens",

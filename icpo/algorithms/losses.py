@@ -9,7 +9,13 @@ gradients are accumulated. Pass the *mini-batch* totals as ``global_tokens`` (to
 ``global_seqs`` (the two seq-mean modes): each micro-batch's loss is then its share of the
 mini-batch loss, and the micro-batch losses **sum** to the loss of the whole mini-batch (so
 accumulate with ``loss.backward()`` and no further scaling). Without them each call normalizes
-by its own token/sequence count.
+by its own token/sequence count. TRL's ``bnpo`` is the one mode defined per micro-batch (the mean
+of the micro-batches' token means): pass ``num_micro_batches`` for it.
+
+Mode names are the peers' and do the peers' arithmetic (docs/compat.md): verl's
+``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-sum-norm``
+(``verl.trainer.ppo.core_algos.agg_loss``) and TRL's loss types ``grpo``, ``bnpo``, ``dr_grpo``,
+``dapo`` (``GRPOTrainer._compute_loss``), as of verl 0.9.1 and TRL 1.16.0.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import torch
 
 from icpo import ops
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+             "grpo", "bnpo", "dr_grpo", "dapo")
+#: Modes that divide by max_response_length (verl's loss_scale_factor, TRL's max_completion_length).
+LENGTH_NORM_MODES = ("seq-mean-token-sum-norm", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+IS_LEVELS = ("token", "sequence")
 
 #: Bounds that keep exp() finite in the ratio and in k3 (the same as verl's ``low_var_kl``).
 LOG_RATIO_CLAMP = 20.0
@@ -92,30 +102,37 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
 
 def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token-mean",
               max_response_length: int | None = None, *, global_tokens: int | None = None,
-              global_seqs: int | None = None) -> torch.Tensor:
-    """Reduce per-token values ``[T]`` to a scalar (differentiable).
+              global_seqs: int | None = None, num_micro_batches: int | None = None) -> torch.Tensor:
+    """Reduce per-token values ``[T]`` to a scalar (differentiable). With S the token sum of all
+    responses, s_i / n_i response i's token sum / count, L = ``max_response_length``,
+    N = ``global_tokens`` (default T), B = ``global_seqs`` (default this call's responses):
 
-    - ``token-mean``: sum over all tokens / ``global_tokens`` (default T).
-    - ``seq-mean-token-mean``: each response's token mean, summed / ``global_seqs`` (default B).
-    - ``seq-mean-token-sum-norm`` (Dr. GRPO): each response's token *sum* / max_response_length,
-      summed / ``global_seqs`` (default B). Needs ``max_response_length``.
+    - ``token-mean`` (verl) = ``dapo`` (TRL): S / N.
+    - ``seq-mean-token-mean`` (verl) = ``grpo`` (TRL): sum_i (s_i / n_i) / B.
+    - ``seq-mean-token-sum`` (verl): sum_i s_i / B.
+    - ``seq-mean-token-sum-norm`` (verl >= 0.9, ``loss_scale_factor`` = L) = ``dr_grpo`` (TRL,
+      L = ``max_completion_length``): S / (B * L). (verl 0.8 divided by L only: docs/compat.md.)
+    - ``bnpo`` (TRL): (S / T) / ``num_micro_batches`` -- this call's own token mean, so the
+      mini-batch value is the mean of its micro-batches' token means (TRL's definition).
     """
     T = _check_tokens(values=values)
     check_packed(cu_seqlens, T)
     if mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {mode!r}")
     num_seqs = cu_seqlens.numel() - 1
-    if mode == "token-mean":
+    if mode in ("token-mean", "dapo"):
         return values.sum() / _positive("global_tokens", global_tokens, T)
-    seq_means = ops.segment_mean(values, cu_seqlens)
+    if mode == "bnpo":
+        return values.sum() / T / _positive("num_micro_batches", num_micro_batches, 1)
+    if mode in LENGTH_NORM_MODES:
+        if max_response_length is None or max_response_length <= 0:
+            raise ValueError(f"max_response_length must be a positive int for {mode}, "
+                             f"got {max_response_length!r}")
+        return values.sum() / (max_response_length * _positive("global_seqs", global_seqs, num_seqs))
     denom = _positive("global_seqs", global_seqs, num_seqs)
-    if mode == "seq-mean-token-mean":
-        return seq_means.sum() / denom
-    if max_response_length is None or max_response_length <= 0:
-        raise ValueError("max_response_length must be a positive int for "
-                         f"seq-mean-token-sum-norm, got {max_response_length!r}")
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(seq_means)
-    return (seq_means * lengths).sum() / (max_response_length * denom)
+    if mode == "seq-mean-token-sum":  # the responses' token sums add up to S
+        return values.sum() / denom
+    return ops.segment_mean(values, cu_seqlens).sum() / denom
 
 
 def _positive(name: str, value: int | None, default: int) -> int:
@@ -129,45 +146,72 @@ def _positive(name: str, value: int | None, default: int) -> int:
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 cu_seqlens: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
                 agg_mode: str = "token-mean", max_response_length: int | None = None, *,
-                global_tokens: int | None = None,
-                global_seqs: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                global_tokens: int | None = None, global_seqs: int | None = None,
+                num_micro_batches: int | None = None, clip_ratio_c: float | None = None,
+                importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with separate low/high clip ("clip-higher" when clip_high > clip_low).
 
-    Per token: ``-min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A)`` with
-    ``r = exp(logp - old_logp)``, aggregated by :func:`aggregate`. logp (with grad),
-    old_logp, advantages: float ``[T]``.
+    Per token: ``-min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A)``, aggregated by
+    :func:`aggregate`. logp (with grad), old_logp, advantages: float ``[T]``.
+
+    - ``importance_sampling_level="token"``: ``r = exp(logp - old_logp)`` per token (PPO, GRPO);
+      ``"sequence"`` (GSPO; TRL's ``importance_sampling_level="sequence"``): every token of a
+      response uses ``r = exp(mean over the response of (logp - old_logp))``.
+    - ``clip_ratio_c`` (verl's dual-clip, arXiv 1912.09729; None = off): where A < 0 the
+      per-token loss is capped at ``-A * clip_ratio_c`` (> 1).
+
+    Log-ratios are clamped to +-20 before exp (as verl; TRL does not clamp: equal unless a
+    token's log-ratio exceeds 20).
 
     Returns ``(loss, stats)``; stats are this call's token means, as floats: ``clipfrac``
     (share of tokens where the clipped term is the active one), ``approx_kl`` (mean of
-    old_logp - logp), ``ratio_mean``.
+    old_logp - logp), ``ratio_mean``, and with dual-clip ``clipfrac_lower`` (share of tokens
+    where the cap is active).
     """
     T = _check_tokens(logp=logp, old_logp=old_logp, advantages=advantages)
     check_packed(cu_seqlens, T)
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    log_ratio = (logp.float() - old_logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c (dual-clip) must be > 1 or None, got {clip_ratio_c!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    token_log_ratio = logp.float() - old_logp.float()
+    log_ratio = token_log_ratio
+    if importance_sampling_level == "sequence":
+        log_ratio = broadcast_to_tokens(ops.segment_mean(token_log_ratio, cu_seqlens), cu_seqlens)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = advantages.float()
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    capped = None
+    if clip_ratio_c is not None:
+        cap = -adv * clip_ratio_c
+        capped = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     loss = aggregate(per_token, cu_seqlens, agg_mode, max_response_length,
-                     global_tokens=global_tokens, global_seqs=global_seqs)
+                     global_tokens=global_tokens, global_seqs=global_seqs,
+                     num_micro_batches=num_micro_batches)
     with torch.no_grad():
         stats = {
             "clipfrac": (clipped < unclipped).float().mean().item(),
-            "approx_kl": (-log_ratio).mean().item(),
+            "approx_kl": (-token_log_ratio).mean().item(),
             "ratio_mean": ratio.mean().item(),
         }
+        if capped is not None:
+            stats["clipfrac_lower"] = capped.float().mean().item()
     return loss, stats
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               entropy: torch.Tensor | None, advantages: torch.Tensor, cu_seqlens: torch.Tensor,
               actor_cfg: Any, max_response_length: int | None = None, *,
-              global_tokens: int | None = None,
-              global_seqs: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Full actor loss: policy loss + kl_coef * agg(KL to ref) - entropy_coef * agg(entropy).
+              global_tokens: int | None = None, global_seqs: int | None = None,
+              num_micro_batches: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Full actor loss: policy loss + kl_coef * agg(KL to ref) - entropy_coef * agg'(entropy).
 
     Args:
         logp, old_logp, advantages: float ``[T]`` (logp carries the gradient).
@@ -175,8 +219,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         entropy: float ``[T]`` per-token entropy; required when ``entropy_coef != 0``, otherwise
             only reported (detached).
         actor_cfg: has ``clip_low``, ``clip_high``, ``kl_coef``, ``kl_estimator``,
-            ``entropy_coef``, ``loss_agg_mode`` (e.g. ``icpo.config.ActorConfig``).
-        global_tokens, global_seqs: mini-batch totals; see the module docstring.
+            ``entropy_coef``, ``loss_agg_mode`` and optionally ``clip_ratio_c``,
+            ``importance_sampling_level``, ``entropy_agg_mode`` (e.g. ``icpo.config.ActorConfig``).
+            agg' is ``entropy_agg_mode`` when set (TRL: ``bnpo``, the micro-batch token mean
+            whatever the loss type), else ``loss_agg_mode`` (verl).
+        global_tokens, global_seqs, num_micro_batches: mini-batch totals; see the module
+            docstring.
 
     Returns ``(loss, metrics)``. Metrics ending in ``_loss`` are this call's share of the
     mini-batch value (they sum over micro-batches like the loss); the others (``clipfrac``,
@@ -184,11 +232,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     ``num_tokens`` / ``num_seqs`` to weight them by.
     """
     mode = actor_cfg.loss_agg_mode
-    agg = dict(mode=mode, max_response_length=max_response_length,
-               global_tokens=global_tokens, global_seqs=global_seqs)
-    loss, stats = policy_loss(logp, old_logp, advantages, cu_seqlens, actor_cfg.clip_low,
-                              actor_cfg.clip_high, mode, max_response_length,
-                              global_tokens=global_tokens, global_seqs=global_seqs)
+    totals = dict(global_tokens=global_tokens, global_seqs=global_seqs,
+                  num_micro_batches=num_micro_batches)
+    agg = dict(mode=mode, max_response_length=max_response_length, **totals)
+    loss, stats = policy_loss(
+        logp, old_logp, advantages, cu_seqlens, actor_cfg.clip_low, actor_cfg.clip_high, mode,
+        max_response_length, **totals, clip_ratio_c=getattr(actor_cfg, "clip_ratio_c", None),
+        importance_sampling_level=getattr(actor_cfg, "importance_sampling_level", "token"))
     metrics = {"pg_loss": loss.item(), **stats, "num_tokens": float(logp.numel()),
                "num_seqs": float(cu_seqlens.numel() - 1)}
     if actor_cfg.kl_coef > 0:
@@ -201,7 +251,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if actor_cfg.entropy_coef != 0:
         if entropy is None:
             raise ValueError("entropy is required when actor entropy_coef != 0")
-        ent_loss = aggregate(entropy, cu_seqlens, **agg)
+        ent_mode = getattr(actor_cfg, "entropy_agg_mode", None) or mode
+        ent_loss = aggregate(entropy, cu_seqlens, **{**agg, "mode": ent_mode})
         loss = loss - actor_cfg.entropy_coef * ent_loss
         metrics["entropy_loss"] = ent_loss.item()
     if entropy is not None:

@@ -202,7 +202,7 @@ class Trainer:
                 None if ref_logp is None else ref_logp[sel].to(self.device), ent,
                 adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
                 cfg.rollout.max_response_length, global_tokens=global_tokens,
-                global_seqs=global_seqs)
+                global_seqs=global_seqs, num_micro_batches=len(batches))
             actor.backward(loss, scale_wrt_gas=False)
             # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
             # means of this micro-batch, weighted here by its token count.
@@ -309,7 +309,8 @@ class Trainer:
         if cfg.algorithm.confidence == "log_mean_prob":
             confidence = torch.log(ops.segment_mean(old_logp.exp(), resp_cu)).clamp(max=0.0)
         algo = dataclasses.replace(cfg.algorithm, delta=self.delta)
-        adv = compute_advantages(confidence, rewards, n, algo, omega)
+        adv = compute_advantages(confidence, rewards, n, algo, omega,
+                                 gather=dist.all_gather_floats)
         lengths = resp_cu.diff()
         adv_tok = adv.advantages.repeat_interleave(lengths)
         t["time/advantages"] = time.perf_counter() - t0
