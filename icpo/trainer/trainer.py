@@ -22,7 +22,7 @@ from icpo.algorithms import compute_advantages, default_delta, grpo_loss, omega_
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler, load_files
 from icpo.rewards import RewardFn, add_reward_noise, coarse_group_mask
-from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
+from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
@@ -71,6 +71,7 @@ class Trainer:
         self.lockstep = self.world > 1 and cfg.trainer.zero_stage == 3
         self.mini_prompts = max(1, cfg.actor.ppo_mini_batch_size // self.world)
         minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
+        check_engine_available(cfg.rollout.engine)  # before any model is loaded
         self.engines = build_engines(cfg, self.device, cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
         self.delta = (cfg.algorithm.delta if cfg.algorithm.delta is not None
                       else default_delta(self.engines.num_params))
