@@ -52,7 +52,15 @@ pip_install -r "$reqs" torch==2.13.0
 pip_install scikit-build-core ninja
 pip_install --no-build-isolation -e ".[dev]" torch==2.13.0
 
+# DeepSpeed JIT-builds its ops against this venv's packages: give them a folder of their own
+# (a .pth line runs at every start of this interpreter; an explicit TORCH_EXTENSIONS_DIR wins).
+site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+ext_dir="$(cd "$VENV" && pwd)/torch_extensions"
+echo "import os; os.environ.setdefault('TORCH_EXTENSIONS_DIR', '$ext_dir')" > "$site/icpo_vllm_env.pth"
+
 "$PY" - <<'EOF'
+import os
+print("TORCH_EXTENSIONS_DIR", os.environ["TORCH_EXTENSIONS_DIR"])
 import torch, vllm, icpo._C  # noqa: F401
 from vllm.platforms import current_platform
 print(f"vllm {vllm.__version__} on {current_platform.device_type}, torch {torch.__version__}")

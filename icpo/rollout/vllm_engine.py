@@ -276,9 +276,13 @@ class VLLMRolloutEngine(RolloutEngine):
                     "vLLM has no sleep mode on this platform: the rollout engine keeps its "
                     "memory while training (rollout.enable_sleep_mode ignored)")
                 enable_sleep_mode = False
-            if kv_cache_memory_bytes is None and on_cpu_backend() \
-                    and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+            if on_cpu_backend():
+                if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                    kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+                # vLLM 0.32's CPU runner fails on a seeded request whose prompt was split by
+                # chunked prefill (it rewinds the request's generator: "CPU Generator does not
+                # use offset"); unsplit prompts never take that path.
+                llm_kwargs.setdefault("enable_chunked_prefill", False)
             llm = _build_llm(model_path, dict(
                 dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                 enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len,
