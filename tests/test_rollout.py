@@ -1,5 +1,6 @@
 """icpo.rollout: the HF generate engine on a tiny random Qwen2, and the vLLM engine's pure
-helpers and lifecycle with stand-ins shaped like vLLM 0.32's objects (vLLM cannot run here)."""
+helpers and lifecycle with stand-ins shaped like vLLM 0.32's objects (the real engine:
+tests/test_vllm_engine.py, tier ``-m vllm``)."""
 
 import importlib.util
 import sys
