@@ -14,6 +14,7 @@ from icpo.rollout import (
     HFRolloutEngine,
     RolloutBatch,
     SamplingParams,
+    check_engine_available,
     make_rollout_engine,
     resolve_special_ids,
     truncate_at_eos,
@@ -230,6 +231,10 @@ def test_make_rollout_engine(model):
         if importlib.util.find_spec("vllm") is None:
             with pytest.raises(RuntimeError, match="needs vLLM 0.32.0.*tools/vllm_cpu_env.sh"):
                 make_rollout_engine(SimpleNamespace(engine="vllm"), model, eos_token_id=EOS)
+            with pytest.raises(RuntimeError, match="needs vLLM 0.32.0"):  # the trainer's early check
+                check_engine_available("vllm")
+    for name in ("hf", "auto"):
+        check_engine_available(name)  # runs anywhere
     with pytest.raises(ValueError, match="engine"):
         make_rollout_engine(SimpleNamespace(engine="sglang"), model)
 

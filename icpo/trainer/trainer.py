@@ -54,6 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
+        check_engine_available(cfg.rollout.engine)  # before any model or process group
         self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
         self.output_dir = Path(cfg.trainer.output_dir)
         torch.manual_seed(cfg.trainer.seed)
@@ -71,7 +72,6 @@ class Trainer:
         self.lockstep = self.world > 1 and cfg.trainer.zero_stage == 3
         self.mini_prompts = max(1, cfg.actor.ppo_mini_batch_size // self.world)
         minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
-        check_engine_available(cfg.rollout.engine)  # before any model is loaded
         self.engines = build_engines(cfg, self.device, cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
         self.delta = (cfg.algorithm.delta if cfg.algorithm.delta is not None
                       else default_delta(self.engines.num_params))
