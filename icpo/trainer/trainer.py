@@ -23,7 +23,7 @@ from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler, load_files
 from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
-from icpo.rollout import HFRolloutEngine, SamplingParams, make_rollout_engine
+from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
@@ -55,6 +55,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
+        check_engine_available(cfg.rollout.engine)  # before any model or process group
         self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
         self.output_dir = Path(cfg.trainer.output_dir)
         torch.manual_seed(cfg.trainer.seed)
