@@ -6,20 +6,18 @@
 #   default  no ISA flags: any x86-64 (SSE2) or non-x86 CPU
 #   avx2     -mavx2 -mfma -mf16c                        (x86-64 with GCC or Clang)
 #   avx512   -mavx512f -mavx512bw -mavx512vl -mavx512dq (+ the avx2 flags)
-#   native   -march=native only, when ICPO_NATIVE=ON: runs on the build machine's CPU model
+#   native   -march=native, when ICPO_NATIVE=ON (with default, instead of avx2 / avx512): runs on
+#            the build machine's CPU model
 #
-# Only the files in csrc/cpu/ get ISA flags. Their objects are linked after every other source
-# (icpo_add_cpu_kernels appends them last), and the "default" variant's first: where an inline
-# function from a header (c10, std) is emitted by several objects, the linker keeps the first
-# copy, so code outside the variants never calls a copy compiled for AVX2 / AVX-512.
-# tools/check_cpu_isa.py verifies that on the built library.
+# Only the files in csrc/cpu/ get ISA flags. An inline function from a header that does not
+# depend on CPU_CAPABILITY (c10, std) is still emitted by every object that uses it, and the linker
+# keeps the first copy on the link line for everyone: if that copy came from an AVX2 object, code
+# outside the variants would call it on any CPU. The "default" variant is therefore added first
+# (CMake puts object-library objects ahead of the target's own, in the order added), so such a
+# copy comes from an object compiled without ISA flags. Linking avx2 first instead does leak one
+# (c10::detail::_str_wrapper, used by TORCH_CHECK messages), which tools/check_cpu_isa.py reports;
+# tests/test_cpu_dispatch.py runs that check on every build.
 
-# Build folders configured before ICPO_NATIVE defaulted to OFF cached ON under the old option's
-# help text: drop that entry so they get the portable default (a -D on the command line still wins).
-get_property(_icpo_native_help CACHE ICPO_NATIVE PROPERTY HELPSTRING)
-if(_icpo_native_help STREQUAL "Compile CPU kernels with -march=native")
-  unset(ICPO_NATIVE CACHE)
-endif()
 option(ICPO_NATIVE "Compile the CPU kernels for this machine only (-march=native), not per ISA" OFF)
 
 file(GLOB ICPO_CPU_KERNEL_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*.cpp")
@@ -35,7 +33,10 @@ if(ICPO_NATIVE)
   if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     message(FATAL_ERROR "icpo: ICPO_NATIVE=ON needs GCC or Clang (-march=native)")
   endif()
-  list(APPEND ICPO_CPU_VARIANTS native)
+  # "default" too: linked first like in the portable build (see above), and selectable with
+  # ICPO_CPU_CAPABILITY=default on a CPU that lacks what the build machine had.
+  list(APPEND ICPO_CPU_VARIANTS default native)
+  set(_icpo_flags_default "")
   set(_icpo_flags_native -march=native)
 else()
   list(APPEND ICPO_CPU_VARIANTS default)
@@ -67,7 +68,7 @@ foreach(_isa IN LISTS ICPO_CPU_VARIANTS)
   endif()
 endforeach()
 
-# Links the variants into `target` (after its own sources) and tells the dispatcher which exist.
+# Links the variants into `target` ("default" first, see above) and tells the dispatcher which exist.
 function(icpo_add_cpu_kernels target)
   foreach(_isa IN LISTS ICPO_CPU_VARIANTS)
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:icpo_cpu_${_isa}>)

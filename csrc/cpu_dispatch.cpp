@@ -48,12 +48,13 @@ struct Variant {
         level                                                                                 \
   }
 
-#if defined(ICPO_CPU_HAVE_NATIVE)
-// The native variant needs whatever at::vec level -march=native enabled on the build machine.
-const Variant kVariants[] = {ICPO_VARIANT(icpo_native, "native", Level(ICPO_CPU_NATIVE_LEVEL))};
-#else
 const Variant kVariants[] = {
     ICPO_VARIANT(icpo_default, "default", kDefault),
+#if defined(ICPO_CPU_HAVE_NATIVE)
+    // Needs the at::vec level -march=native enabled on the build machine (at least; other
+    // extensions it enabled are not checked).
+    ICPO_VARIANT(icpo_native, "native", Level(ICPO_CPU_NATIVE_LEVEL)),
+#endif
 #if defined(ICPO_CPU_HAVE_AVX2)
     ICPO_VARIANT(icpo_avx2, "avx2", kAvx2),
 #endif
@@ -61,7 +62,6 @@ const Variant kVariants[] = {
     ICPO_VARIANT(icpo_avx512, "avx512", kAvx512),
 #endif
 };
-#endif
 
 #if defined(ICPO_X86_CPUID)
 // XCR0, read with the raw xgetbv encoding so this file needs no -mxsave.
@@ -137,9 +137,13 @@ const Variant* resolve(const std::string& name, const char* source) {
     for (const Variant& v : kVariants) {
       if (v.level <= cap && v.level >= best->level) best = &v;
     }
-    TORCH_CHECK(best->level <= hw, "icpo: these CPU kernels were built with -march=native "
-                "(ICPO_NATIVE=ON) for a CPU with ", level_text(best->level),
-                "; this CPU lacks it. Rebuild without ICPO_NATIVE for a portable build.");
+#if defined(ICPO_CPU_HAVE_NATIVE)
+    // Fail loudly rather than fall back to the slow generic kernels unasked.
+    TORCH_CHECK(kVariants[1].level <= hw, "icpo: these CPU kernels were built with -march=native "
+                "(ICPO_NATIVE=ON) for a CPU with ", level_text(kVariants[1].level), ", which this "
+                "one lacks. Rebuild without ICPO_NATIVE for a portable build, or set ",
+                "ICPO_CPU_CAPABILITY=default to run the generic kernels.");
+#endif
     return best;
   }
   for (const Variant& v : kVariants) {
