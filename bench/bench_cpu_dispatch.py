@@ -12,7 +12,8 @@ per configuration, the order alternating between rounds (A B / B A); a measureme
 of ``--iters`` calls after one warm-up; the reported time is the median over rounds, and the
 ratio is the median over rounds of the per-round ratio portable / native (< 1.05 meets the
 target); the same ratio from each measurement's fastest call is printed too (contention only
-adds time, so the minimum is the less disturbed estimate of the kernel itself). The portable build forced to ``avx2`` is measured in the same rounds, for information.
+adds time, so the minimum is the less disturbed estimate of the kernel itself). The portable
+build forced to ``avx2`` is measured in the same rounds, for information.
 
 Cases: token_logprobs ``fwd`` (logp, entropy, lse) and ``fwdbwd`` (fwd then the gradient of the
 logits), fp32 and bf16, at each ``--shapes``; segment_mean forward over ``--segments`` ragged
@@ -96,8 +97,8 @@ def _worker(lib: str) -> None:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        print(json.dumps({"variant": variant, "ms": statistics.median(times), "min_ms": min(times)}),
-              flush=True)
+        result = {"variant": variant, "ms": statistics.median(times), "min_ms": min(times)}
+        print(json.dumps(result), flush=True)
 
 
 class Worker:

@@ -68,7 +68,8 @@ foreach(_isa IN LISTS ICPO_CPU_VARIANTS)
   endif()
 endforeach()
 
-# Links the variants into `target` ("default" first, see above) and tells the dispatcher which exist.
+# Links the variants into `target` ("default" first, see above) and tells the dispatcher which
+# exist.
 function(icpo_add_cpu_kernels target)
   foreach(_isa IN LISTS ICPO_CPU_VARIANTS)
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:icpo_cpu_${_isa}>)

@@ -170,7 +170,8 @@ def test_bad_environment_value_is_refused_at_import(monkeypatch):
 
     before = cpu_capability()
     monkeypatch.setenv(cpu.ENV_VAR, "avx9000")
-    with pytest.raises(ValueError, match="^ICPO_CPU_CAPABILITY=avx9000 is not a CPU kernel variant"):
+    with pytest.raises(ValueError,
+                       match="^ICPO_CPU_CAPABILITY=avx9000 is not a CPU kernel variant"):
         cpu._check_environment()
     assert cpu_capability() == before
 
