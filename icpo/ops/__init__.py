@@ -5,6 +5,8 @@ arguments; tests and benchmarks compare the two.
 """
 
 from icpo.ops import reference
+from icpo.ops.cpu import (cpu_capability, forced_cpu_capability, set_cpu_capability,
+                          supported_cpu_capabilities)
 from icpo.ops.groups import (
     ICPOAdvantages,
     grpo_advantages,
@@ -17,6 +19,8 @@ from icpo.ops.segments import pack_padded, segment_mean, unpack_to_padded
 
 __all__ = [
     "ICPOAdvantages",
+    "cpu_capability",
+    "forced_cpu_capability",
     "grpo_advantages",
     "icpo_advantages",
     "pack_padded",
@@ -24,6 +28,8 @@ __all__ = [
     "reference",
     "reward_limit",
     "segment_mean",
+    "set_cpu_capability",
+    "supported_cpu_capabilities",
     "token_logprobs",
     "unpack_to_padded",
 ]
