@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from icpo.trainer.distributed import exit_launched_process
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     trainer.train()
     trainer.close()  # not on error: a rank that failed must not wait for the others
     exit_launched_process(0)
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue from the newest checkpoint in trainer.output_dir, or from PATH")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the files of another run in trainer.output_dir (else refused)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-6")
     train.set_defaults(fn=_train)
     ev = sub.add_parser("eval", help="mean@k accuracy of a model on a prompt set")
@@ -86,12 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from icpo.config import ConfigError
     from icpo.data import DataError
+    from icpo.errors import UserError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, UserError) as e:
         # Bad input the user can fix: one line naming what is wrong, not a traceback.
         print(f"icpo {args.command}: error: {e}", file=sys.stderr)
+        if "icpo.trainer.distributed" in sys.modules:  # a launched rank ends at once, like a
+            # successful one (a lone process returns)
+            from icpo.trainer.distributed import exit_launched_process
+
+            exit_launched_process(2)
         return 2
 
 

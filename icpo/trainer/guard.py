@@ -1,0 +1,123 @@
+"""Guards against a poisoned run: non-finite updates are skipped, a destroyed policy stops the
+run, and nothing non-finite is ever checkpointed (docs/failure_behaviour.md).
+
+Every decision is taken from values reduced over all ranks, so all ranks skip, continue or stop
+together and no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from icpo.errors import TrainingStopped
+from icpo.trainer import distributed as dist
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one."""
+    return dist.all_reduce_sum(torch.tensor([float(flag)])).item() > 0
+
+
+def local_grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the gradients held in ``module``'s parameters on this rank (0 when none)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+def optimizer_step(actor, local_bad: bool, grad_norm: float | None) -> bool:
+    """Apply the accumulated gradients unless the update is non-finite; returns True when the
+    step was skipped, on every rank alike.
+
+    ZeRO-0 (``grad_norm`` given: this rank's gradient norm before any reduction): the step is
+    skipped when the loss or that norm is non-finite on any rank; gradients are dropped and
+    DeepSpeed's ``step()`` is never called, so optimizer moments, the step count and the lr
+    schedule stay as they were (one NaN would otherwise reach every weight through the clip
+    factor and Adam's moments). ZeRO-1/2/3 (``grad_norm`` None): DeepSpeed's optimizer checks the
+    reduced gradient norm itself and skips the same way (its ``overflow`` path, also for fp32
+    and, with ``check_grad_overflow``, bf16); its ``skipped_steps`` tells."""
+    if grad_norm is not None:
+        if any_rank(local_bad or not math.isfinite(grad_norm)):
+            actor.zero_grad()
+            actor.skipped_steps += 1  # as DeepSpeed counts its own overflow skips
+            return True
+        actor.step()
+        return False
+    before = actor.skipped_steps
+    actor.step()
+    return actor.skipped_steps > before
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """True on every rank when all of the policy's weights are finite on all ranks (ZeRO-3:
+    each rank checks its own partition)."""
+    bad = False
+    with torch.no_grad():
+        for p in module.parameters():
+            local = getattr(p, "ds_tensor", p)
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad = True
+                break
+    return not any_rank(bad)
+
+
+class Guard:
+    """Counts skipped optimizer steps and watches the policy; raises TrainingStopped when the
+    run must end. Its state travels in checkpoints so a resumed run decides exactly alike."""
+
+    def __init__(self, max_skipped_steps: int, collapse_entropy_frac: float, vocab_size: int):
+        self.max_skipped = max_skipped_steps
+        self.collapse_frac = collapse_entropy_frac
+        self.log_vocab = math.log(vocab_size) if vocab_size > 1 else 0.0
+        self.consecutive = 0
+        self.total = 0
+        self.armed = False  # set once entropy was seen below the collapse level
+
+    def record(self, skipped: bool, step: int) -> None:
+        """One optimizer step of rollout step ``step`` was skipped (or not)."""
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_skipped:
+            raise TrainingStopped(
+                f"stopped at step {step}: {self.consecutive} consecutive optimizer steps had a "
+                f"non-finite loss or gradient norm and were skipped (trainer.max_skipped_steps="
+                f"{self.max_skipped}); lower actor.lr or set actor.grad_clip, and resume from the "
+                "last checkpoint")
+
+    def check_policy(self, step: int, entropy: float | None, module: torch.nn.Module) -> None:
+        """After an update: stop when the weights are non-finite or the policy has become
+        uniform (mean token entropy at ``collapse_entropy_frac * log V``). A model that starts
+        out uniform (random weights) is not flagged: the sentinel arms once entropy is below."""
+        if not weights_finite(module):
+            raise TrainingStopped(
+                f"stopped at step {step}: the policy's weights hold NaN or inf; nothing was "
+                "checkpointed from them (lower actor.lr and resume from the last checkpoint)")
+        if not self.collapse_frac or entropy is None or not self.log_vocab:
+            return
+        level = self.collapse_frac * self.log_vocab
+        if entropy < level:
+            self.armed = True
+        elif self.armed:
+            raise TrainingStopped(
+                f"stopped at step {step}: the policy collapsed to uniform (mean token entropy "
+                f"{entropy:.4f} >= {self.collapse_frac} * log(vocab size) = {level:.4f}; "
+                "trainer.collapse_entropy_frac); lower actor.lr and resume from the last checkpoint")
+
+    def metrics(self, skipped_now: int) -> dict[str, float]:
+        return {"guard/skipped_steps": float(skipped_now), "guard/skipped_total": float(self.total)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consecutive": self.consecutive, "total": self.total, "armed": self.armed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive = int(state.get("consecutive", 0))
+        self.total = int(state.get("total", 0))
+        self.armed = bool(state.get("armed", False))
