@@ -68,12 +68,12 @@ def optimizer_state(trainer: Trainer) -> list[torch.Tensor]:
 
 def test_huge_lr_never_checkpoints_non_finite_weights(train_file, tmp_path):
     """The issue's ``actor.lr=1e30 actor.grad_clip=0 trainer.total_steps=4 save_every=1``:
-    step 1's update leaves finite weights whose forward pass overflows; the run stops there with
-    a clear message, no checkpoint is written and ``latest`` never exists."""
+    step 1's update leaves finite (~1e30) weights under which the policy is uniform; the run
+    stops there with a clear message, no checkpoint is written and ``latest`` never exists."""
     out = tmp_path / "run"
     cfg = make_cfg(train_file, out, "actor.lr=1e30", "actor.grad_clip=0",
                    "trainer.total_steps=4", "trainer.save_every=1")
-    with pytest.raises(TrainingStopped, match=r"stopped at step 1: .*NaN/inf.*not checkpointed"):
+    with pytest.raises(TrainingStopped, match=r"stopped at step 1: .*uniform.*not checkpointed"):
         Trainer(cfg).train()
     ck = out / "checkpoints"
     assert not (ck / "latest").exists()
@@ -82,22 +82,30 @@ def test_huge_lr_never_checkpoints_non_finite_weights(train_file, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(train_file, tmp_path, monkeypatch):
-    """Without checkpoints: step 1 explodes the weights, steps 2 and 3 have NaN losses and are
-    skipped without touching weights or Adam's moments; the second consecutive skip
+    """The loss turns NaN from step 2 on (injected): steps 2 and 3 are skipped without touching
+    weights, Adam's moments or the lr schedule; the second consecutive skip
     (trainer.max_skipped_steps=2) stops the run."""
+    import icpo.trainer.trainer as trainer_mod
+
     out = tmp_path / "run"
-    cfg = make_cfg(train_file, out, "actor.lr=1e30", "actor.grad_clip=0", "trainer.total_steps=5",
+    cfg = make_cfg(train_file, out, "actor.lr=1e-3", "trainer.total_steps=5",
                    "trainer.save_every=0", "trainer.max_skipped_steps=2")
     trainer = Trainer(cfg)
-    snapshots = {}
-    real = Trainer.train_step
+    real_loss, snapshots = trainer_mod.grpo_loss, {}
+
+    def poisoned_loss(*a, **k):
+        loss, m = real_loss(*a, **k)
+        return (loss * float("nan"), m) if trainer.step >= 1 else (loss, m)
+
+    real_step = Trainer.train_step
 
     def spy(self):
-        result = real(self)
+        result = real_step(self)
         snapshots[self.step + 1] = ([p.detach().clone() for p in self.engines.actor.module.parameters()],
                                     optimizer_state(self), self.engines.scheduler.last_epoch)
         return result
 
+    monkeypatch.setattr(trainer_mod, "grpo_loss", poisoned_loss)
     monkeypatch.setattr(Trainer, "train_step", spy)
     with pytest.raises(TrainingStopped, match=r"stopped at step 3: 2 consecutive .* skipped"):
         trainer.train()

@@ -111,6 +111,25 @@ class Guard:
                 f"{entropy:.4f} >= {self.collapse_frac} * log(vocab size) = {level:.4f}; "
                 "trainer.collapse_entropy_frac); lower actor.lr and resume from the last checkpoint")
 
+    def check_checkpointable(self, step: int, module: torch.nn.Module,
+                             probe_logits: torch.Tensor) -> None:
+        """Before writing checkpoint ``step``: the weights, and the logits ``probe_logits``
+        of a probe prompt under them, must be finite, and the probe's next-token distribution
+        not uniform once the sentinel is armed. Finite weights can still overflow the forward
+        pass or flatten the policy (``actor.lr=1e30``): such a state must not become ``latest``."""
+        bad = not bool(torch.isfinite(probe_logits).all())
+        uniform = False
+        if not bad and self.armed and self.collapse_frac and self.log_vocab:
+            logp = probe_logits.float().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean().item()
+            uniform = entropy >= self.collapse_frac * self.log_vocab
+        if not weights_finite(module) or any_rank(bad) or any_rank(uniform):
+            raise TrainingStopped(
+                f"stopped at step {step}: the policy's weights or outputs are "
+                f"{'uniform' if uniform else 'NaN/inf'}, so this step was not checkpointed (the "
+                "last checkpoint is intact); lower actor.lr or set actor.grad_clip and resume "
+                "from it")
+
     def metrics(self, skipped_now: int) -> dict[str, float]:
         return {"guard/skipped_steps": float(skipped_now), "guard/skipped_total": float(self.total)}
 

@@ -29,7 +29,7 @@ from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.evaluate import evaluate
-from icpo.trainer.guard import Guard, any_rank, local_grad_norm, optimizer_step, weights_finite
+from icpo.trainer.guard import Guard, local_grad_norm, optimizer_step
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
 from icpo.models import resolve_model_path
@@ -365,25 +365,17 @@ class Trainer:
         return evaluate(self.rollout, self.tokenizer, self.val_data, self.reward_fn, self.cfg.rollout,
                         rank=self.rank, world=self.world)
 
-    def _forward_finite(self) -> bool:
-        """Whether the policy's logits on a short probe sequence are finite on all ranks: finite
-        weights can still be large enough to overflow the forward pass (every rank runs it, as
-        ZeRO-3 gathers parameters collectively)."""
-        module = self.engines.actor.module
-        ids = torch.arange(8, device=self.device).unsqueeze(0) % module.config.vocab_size
+    def _probe_logits(self) -> torch.Tensor:
+        """Logits (at the rollout temperature) of the policy on the start of a training prompt;
+        every rank runs it, as ZeRO-3 gathers parameters collectively."""
+        ids = torch.tensor([self.train_data.items[0].prompt_ids[:32]], device=self.device)
         with torch.no_grad():
-            logits = module(input_ids=ids).logits
-        return not any_rank(not bool(torch.isfinite(logits).all()))
+            return self.engines.actor.module(input_ids=ids).logits / self.cfg.rollout.temperature
 
     def save(self) -> Path:
         """Checkpoint the current step; refused (TrainingStopped, nothing written, ``latest``
-        unchanged) when the policy's weights or its forward pass are not finite."""
-        module = self.engines.actor.module
-        if not (weights_finite(module) and self._forward_finite()):
-            raise TrainingStopped(
-                f"stopped at step {self.step}: the policy's weights or outputs are NaN/inf, so "
-                "this step was not checkpointed (the last checkpoint is intact); lower actor.lr "
-                "or set actor.grad_clip and resume from it")
+        unchanged) when the policy's weights or outputs are non-finite or uniform."""
+        self.guard.check_checkpointable(self.step, self.engines.actor.module, self._probe_logits())
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
                  "data_fingerprint": self.data_fingerprint, "guard": self.guard.state_dict()}
         return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
