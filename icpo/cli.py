@@ -35,6 +35,10 @@ def _eval(args: argparse.Namespace) -> int:
     from icpo.trainer.evaluate import evaluate
     from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
 
+    from icpo.trainer.preflight import check_model_path, check_reward_function
+
+    check_model_path("--model", args.model)  # before loading anything: one-line errors
+    check_reward_function(args.reward, "--reward")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, resolve_dtype("auto", device), device)

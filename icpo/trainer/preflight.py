@@ -69,15 +69,16 @@ def check_model_path(name: str, path: str) -> str:
                     f"{path} --local-dir DIR) and pass {name}=DIR")
 
 
-def check_reward_function(dotted: str) -> None:
-    """Import ``reward.function`` and check it can be called with verl's four arguments."""
+def check_reward_function(dotted: str, name: str = "reward.function") -> None:
+    """Import the reward function ``dotted`` and check it can be called with verl's four
+    arguments; errors start with ``name`` (the setting that gave it)."""
     from icpo.rewards import load_reward_fn
 
     try:
         fn = load_reward_fn(dotted)
     except Exception as e:  # noqa: BLE001 (the user's module may raise anything on import)
         msg = str(e) if str(e).startswith("reward function") else f"{type(e).__name__}: {e}"
-        raise UserError(f"reward.function: {msg}") from None
+        raise UserError(f"{name}: {msg}") from None
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: nothing to check
@@ -85,7 +86,7 @@ def check_reward_function(dotted: str) -> None:
     try:
         sig.bind("data_source", "solution_str", "ground_truth", {})
     except TypeError as e:
-        raise UserError(f"reward.function: {dotted!r} cannot be called as fn(data_source, "
+        raise UserError(f"{name}: {dotted!r} cannot be called as fn(data_source, "
                         f"solution_str, ground_truth, extra_info) ({e})") from None
 
 
