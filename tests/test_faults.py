@@ -94,8 +94,13 @@ def _bad_utf8(data: Path, d: Path) -> str:
 @pytest.mark.parametrize("case", [
     "temperature_0", "temperature_tiny", "clip_low_above_1", "reward_module", "reward_attr",
     "reward_signature", "model_missing", "model_hub_id", "output_is_file", "output_under_file",
-    "n_1", "data_missing", "data_folder", "data_not_utf8"])
+    "n_1", "data_missing", "data_folder", "data_not_utf8", "missing_package"])
 def test_bad_input_is_one_line_before_setup(case, data, tmp_path, capsys, no_setup):
+    if case == "missing_package":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            pytest.skip("flash_attn is installed here")
     out = tmp_path / "run"
     args, needles = {
         "temperature_0": (["rollout.temperature=0"], ["rollout.temperature"]),
@@ -108,6 +113,8 @@ def test_bad_input_is_one_line_before_setup(case, data, tmp_path, capsys, no_set
         "model_hub_id": (["model.path=SomeOrg/NotCachedModel-1B"], ["model.path", "hf download"]),
         "output_is_file": ([], ["trainer.output_dir", "is a file"]),
         "output_under_file": ([f"trainer.output_dir={tmp_path / 'afile' / 'run'}"], ["trainer.output_dir"]),
+        "missing_package": (["model.attn_implementation=flash_attention_2"],
+                            ["model.attn_implementation", "flash_attn"]),
         "n_1": (["rollout.n=1", "trainer.train_batch_size=4"], ["rollout.n", "allow_single_sample"]),
         "data_missing": ([f"data.train_files=[{tmp_path / 'nope.jsonl'}]"], ["nope.jsonl"]),
         "data_folder": ([f"data.train_files=[{tmp_path}]"], [str(tmp_path)]),

@@ -30,27 +30,29 @@ def local_grad_norm(module: torch.nn.Module) -> float:
         [torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
 
-def optimizer_step(actor, local_bad: bool, grad_norm: float | None) -> bool:
-    """Apply the accumulated gradients unless the update is non-finite; returns True when the
-    step was skipped, on every rank alike.
+def optimizer_step(actor, local_bad: bool) -> tuple[bool, float | None]:
+    """Apply the accumulated gradients unless the update is non-finite. Returns ``(skipped,
+    grad_norm)``, ``skipped`` alike on every rank; ``grad_norm`` is this rank's gradient norm
+    before reduction when computed here, else None (DeepSpeed has the global one).
 
-    ZeRO-0 (``grad_norm`` given: this rank's gradient norm before any reduction): the step is
-    skipped when the loss or that norm is non-finite on any rank; gradients are dropped and
-    DeepSpeed's ``step()`` is never called, so optimizer moments, the step count and the lr
-    schedule stay as they were (one NaN would otherwise reach every weight through the clip
-    factor and Adam's moments). ZeRO-1/2/3 (``grad_norm`` None): DeepSpeed's optimizer checks the
-    reduced gradient norm itself and skips the same way (its ``overflow`` path, also for fp32
-    and, with ``check_grad_overflow``, bf16); its ``skipped_steps`` tells."""
-    if grad_norm is not None:
-        if any_rank(local_bad or not math.isfinite(grad_norm)):
+    A plain torch optimizer (ZeRO-0, fp32) has no check of its own: the step is skipped when
+    ``local_bad`` (a non-finite loss) or the gradient norm is non-finite on any rank; gradients
+    are dropped and DeepSpeed's ``step()`` is never called, so weights, optimizer moments and
+    the lr schedule stay as they were (one NaN would otherwise reach every weight through the
+    clip factor and Adam's moments). DeepSpeed's own wrappers (ZeRO-1/2/3, bf16, fp16) check
+    the reduced gradient norm in ``step()`` and skip the same way (their ``overflow`` path, as
+    for fp16 loss-scale overflows); ``skipped_steps`` tells."""
+    if not hasattr(actor.optimizer, "overflow"):
+        norm = local_grad_norm(actor.module)
+        if any_rank(local_bad or not math.isfinite(norm)):
             actor.zero_grad()
             actor.skipped_steps += 1  # as DeepSpeed counts its own overflow skips
-            return True
+            return True, norm
         actor.step()
-        return False
+        return False, norm
     before = actor.skipped_steps
     actor.step()
-    return actor.skipped_steps > before
+    return actor.skipped_steps > before, None
 
 
 def weights_finite(module: torch.nn.Module) -> bool:
@@ -78,14 +80,16 @@ class Guard:
         self.total = 0
         self.armed = False  # set once entropy was seen below the collapse level
 
-    def record(self, skipped: bool, step: int) -> None:
-        """One optimizer step of rollout step ``step`` was skipped (or not)."""
+    def record(self, skipped: bool, step: int, may_stop: bool = True) -> None:
+        """One optimizer step of rollout step ``step`` was skipped (or not). ``may_stop`` False
+        (fp16): skips are how dynamic loss scaling finds its scale, so they are only counted;
+        DeepSpeed stops itself at its minimum scale."""
         if not skipped:
             self.consecutive = 0
             return
         self.consecutive += 1
         self.total += 1
-        if self.consecutive >= self.max_skipped:
+        if may_stop and self.consecutive >= self.max_skipped:
             raise TrainingStopped(
                 f"stopped at step {step}: {self.consecutive} consecutive optimizer steps had a "
                 f"non-finite loss or gradient norm and were skipped (trainer.max_skipped_steps="
@@ -126,9 +130,9 @@ class Guard:
         if not weights_finite(module) or any_rank(bad) or any_rank(uniform):
             raise TrainingStopped(
                 f"stopped at step {step}: the policy's weights or outputs are "
-                f"{'uniform' if uniform else 'NaN/inf'}, so this step was not checkpointed (the "
-                "last checkpoint is intact); lower actor.lr or set actor.grad_clip and resume "
-                "from it")
+                f"{'uniform' if uniform else 'NaN/inf'}, so this step was not checkpointed (earlier "
+                "checkpoints are intact); lower actor.lr or set actor.grad_clip and resume "
+                "from the last one")
 
     def metrics(self, skipped_now: int) -> dict[str, float]:
         return {"guard/skipped_steps": float(skipped_now), "guard/skipped_total": float(self.total)}

@@ -90,6 +90,29 @@ def check_reward_function(dotted: str, name: str = "reward.function") -> None:
                         f"solution_str, ground_truth, extra_info) ({e})") from None
 
 
+_PACKAGES = (
+    ("rollout.engine=vllm", lambda c: c.rollout.engine == "vllm", "vllm"),
+    ("model.attn_implementation=flash_attention_2",
+     lambda c: c.model.attn_implementation == "flash_attention_2", "flash_attn"),
+    ("trainer.tensorboard=true", lambda c: c.trainer.tensorboard, "tensorboard"),
+    ("trainer.wandb_project", lambda c: bool(c.trainer.wandb_project), "wandb"),
+)
+"""Settings that need an optional package, and the package's import name."""
+
+
+def check_environment(cfg: Config) -> None:
+    """The device and the optional packages the config asks for are there."""
+    import importlib.util
+
+    import torch
+
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device: got 'cuda' but no CUDA device is available")
+    for setting, wanted, package in _PACKAGES:
+        if wanted(cfg) and importlib.util.find_spec(package) is None:
+            raise UserError(f"{setting} needs the {package!r} package, which is not installed")
+
+
 def _load(files: list[str], data_cfg: Any, name: str) -> list[Any]:
     try:
         return load_files(files, data_cfg)
@@ -173,6 +196,7 @@ def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -
     out = Path(cfg.trainer.output_dir)
     rank0 = _rank() == 0
     check_output_dir(out)
+    check_environment(cfg)
     check_model_path("model.path", cfg.model.path)
     if cfg.model.ref_path and cfg.actor.kl_coef > 0:
         check_model_path("model.ref_path", cfg.model.ref_path)

@@ -29,7 +29,7 @@ from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.evaluate import evaluate
-from icpo.trainer.guard import Guard, local_grad_norm, optimizer_step
+from icpo.trainer.guard import Guard, optimizer_step
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
 from icpo.models import resolve_model_path
@@ -232,11 +232,8 @@ class Trainer:
             self._zero_backward()
         tokens = sums.pop("_tokens", 0.0)
         sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
-        grad_norm = None
-        if actor.zero_optimization_stage() == 0:
-            grad_norm = local_grad_norm(actor.module)
-        skipped = optimizer_step(actor, bad_loss, grad_norm)
-        self.guard.record(skipped, self.step + 1)
+        skipped, grad_norm = optimizer_step(actor, bad_loss)
+        self.guard.record(skipped, self.step + 1, may_stop=not actor.fp16_enabled())
         sums["guard/skipped_steps"] = float(skipped)
         if grad_norm is None:
             gn = actor.get_global_grad_norm()
