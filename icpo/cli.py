@@ -33,9 +33,8 @@ def _eval(args: argparse.Namespace) -> int:
     from icpo.rewards import RewardFn
     from icpo.rollout.hf import HFRolloutEngine
     from icpo.trainer.evaluate import evaluate
-    from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
-
     from icpo.trainer.preflight import check_model_path, check_reward_function
+    from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
 
     check_model_path("--model", args.model)  # before loading anything: one-line errors
     check_reward_function(args.reward, "--reward")
@@ -99,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, UserError) as e:
         # Bad input the user can fix: one line naming what is wrong, not a traceback.
         print(f"icpo {args.command}: error: {e}", file=sys.stderr)
-        if "icpo.trainer.distributed" in sys.modules:  # a launched rank ends at once, like a
-            # successful one (a lone process returns)
+        if "icpo.trainer.distributed" in sys.modules:
+            # A launcher-started rank ends at once, as a successful one does; a lone process
+            # returns here.
             from icpo.trainer.distributed import exit_launched_process
 
             exit_launched_process(2)

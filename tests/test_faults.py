@@ -249,6 +249,16 @@ def test_resume_warns_about_a_changed_lr_and_rescales_when_told(data, tmp_path, 
     assert any("rescaled" in n for n in pre.notes)
 
 
+def test_resume_with_another_process_count_is_a_warning(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fake_run(out, cfg=cfg_of(data, out))
+    state_file = out / "checkpoints" / "step_000002" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    pre = preflight(cfg_of(data, out), resume="auto")
+    assert any("with 1 processes from a checkpoint written by 2" in n for n in pre.notes)
+
+
 def test_resume_refuses_changed_training_data(data, tmp_path):
     out = tmp_path / "run"
     _fake_run(out, cfg=cfg_of(data, out), fingerprint="0" * 64)

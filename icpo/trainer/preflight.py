@@ -216,6 +216,11 @@ def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -
                 state["config"], cfg.to_dict(), saved_data=state.get("data_fingerprint"),
                 new_data=result.data_fingerprint,
                 resume_total_steps=cfg.trainer.resume_total_steps)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if state.get("world_size", world) != world:
+            result.notes.append(f"resuming with {world} processes from a checkpoint written by "
+                                f"{state['world_size']}: training continues, but not bitwise as "
+                                "it would have (per-rank random states differ)")
         result.trainer_state = state
     if rank0:
         if overwrite:

@@ -374,7 +374,8 @@ class Trainer:
         unchanged) when the policy's weights or outputs are non-finite or uniform."""
         self.guard.check_checkpointable(self.step, self.engines.actor.module, self._probe_logits())
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
-                 "data_fingerprint": self.data_fingerprint, "guard": self.guard.state_dict()}
+                 "data_fingerprint": self.data_fingerprint, "guard": self.guard.state_dict(),
+                 "world_size": self.world}
         return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
                                     self.tokenizer, state)
 
