@@ -245,7 +245,8 @@ def execute(run: Run, preset: Path, keep_checkpoints: bool) -> None:
     """Train ``run`` in a subprocess (output to ``train.log``); raise on failure with the log tail."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     log = run.out_dir / "train.log"
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(preset), *run.overrides]
+    # An unfinished or stale run in out_dir is started again (run_finished said so).
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(preset), "--overwrite", *run.overrides]
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()

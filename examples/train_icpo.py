@@ -12,7 +12,8 @@ On GPU nodes, give a config (and dotted overrides) and launch one process per GP
     deepspeed --num_gpus 8 examples/train_icpo.py --config my.yaml trainer.zero_stage=3
     deepspeed --hostfile hosts.txt examples/train_icpo.py --config my.yaml   # multi-node
 
-Add ``--resume`` to continue from the newest checkpoint in ``trainer.output_dir``.
+Add ``--resume`` to continue from the newest checkpoint in ``trainer.output_dir``, ``--overwrite``
+to replace a run already there (a second run into the same folder is refused otherwise).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(TINY_PRESET), help="YAML config (default: tiny CPU preset)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from the newest checkpoint in trainer.output_dir, or PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in trainer.output_dir (else refused)")
     parser.add_argument("--train-size", type=int, default=4000, help="generated task: training prompts")
     parser.add_argument("--val-size", type=int, default=200, help="generated task: held-out prompts")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     ensure_task_data(cfg, args.train_size, args.val_size)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     history = trainer.train()
     trainer.close()  # not on error: a rank that failed must not wait for the others
     if trainer.rank != 0:

@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     from icpo.trainer.distributed import exit_launched_process
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     trainer.train()
     trainer.close()  # not on error: a rank that failed must not wait for the others
     exit_launched_process(0)
@@ -34,8 +34,11 @@ def _eval(args: argparse.Namespace) -> int:
     from icpo.rewards import RewardFn
     from icpo.rollout.hf import HFRolloutEngine
     from icpo.trainer.evaluate import evaluate
+    from icpo.trainer.preflight import check_model_path, check_reward_function
     from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
 
+    check_model_path("--model", args.model)  # before loading anything: one-line errors
+    check_reward_function(args.reward, "--reward")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, resolve_dtype("auto", device), device)
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue from the newest checkpoint in trainer.output_dir, or from PATH")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the files of another run in trainer.output_dir (else refused)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-6")
     train.set_defaults(fn=_train)
     ev = sub.add_parser("eval", help="mean@k accuracy of a model on a prompt set")
@@ -132,12 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from icpo.config import ConfigError
     from icpo.data import DataError
+    from icpo.errors import UserError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, UserError) as e:
         # Bad input the user can fix: one line naming what is wrong, not a traceback.
         print(f"icpo {args.command}: error: {e}", file=sys.stderr)
+        if "icpo.trainer.distributed" in sys.modules:
+            # A launcher-started rank ends at once, as a successful one does; a lone process
+            # returns here.
+            from icpo.trainer.distributed import exit_launched_process
+
+            exit_launched_process(2)
         return 2
 
 

@@ -74,8 +74,12 @@ class RolloutConfig:
     """Generation backend; "auto" = vLLM when CUDA is present and vllm imports, else HF generate."""
     n: int = 5
     """Group size G: responses sampled per prompt."""
+    allow_single_sample: bool = False
+    """Allow n = 1. Group-relative advantages (GRPO, ICPO) of a group of one are 0, so such a
+    run learns nothing from rewards; refused unless this is set."""
     temperature: float = 1.0
-    """Sampling temperature for training rollouts (also used for the confidence log-probs)."""
+    """Sampling temperature for training rollouts (also used for the confidence log-probs);
+    >= 1e-3 (colder is greedy decoding, which has no log-probs to train on)."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1.0 = off."""
     top_k: int = -1
@@ -169,7 +173,7 @@ class ActorConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate after warm-up."""
     clip_low: float = 0.2
-    """PPO clip: ratio >= 1 - clip_low."""
+    """PPO clip: ratio >= 1 - clip_low; in [0, 1)."""
     clip_high: float = 0.2
     """PPO clip: ratio <= 1 + clip_high; above clip_low = clip-higher."""
     kl_coef: float = 0.001
@@ -228,6 +232,15 @@ class TrainerConfig:
     """Show a progress bar on the console."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" = CUDA when available, else CPU."""
+    max_skipped_steps: int = 3
+    """Stop the run after this many consecutive optimizer steps skipped for a non-finite loss or
+    gradient norm (docs/failure_behaviour.md)."""
+    collapse_entropy_frac: float = 0.99
+    """Stop the run when a step's mean token entropy reaches this fraction of log(vocab size),
+    i.e. the policy has become uniform (after having been below it); 0 = off."""
+    resume_total_steps: Literal["refuse", "rescale"] = "refuse"
+    """On --resume with a different total_steps: "refuse", or "rescale" the omega and lr
+    schedules to the new length (their value at the current step jumps)."""
 
 
 @dataclass
@@ -427,7 +440,8 @@ _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _OPEN_UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_prompt_length": _GE1, "data.val_max_samples": _GE1,
-    "rollout.n": _GE1, "rollout.temperature": _NONNEG, "rollout.top_p": _OPEN_UNIT,
+    # 1e-3 = icpo.ops.logprobs.MIN_TEMPERATURE (not imported: this module stays torch-free).
+    "rollout.n": _GE1, "rollout.temperature": (lambda v: v >= 1e-3, ">= 1e-3"), "rollout.top_p": _OPEN_UNIT,
     "rollout.top_k": (lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
     "rollout.max_response_length": _GE1, "rollout.gpu_memory_utilization": _OPEN_UNIT,
     "rollout.val_n": _GE1, "rollout.val_temperature": _NONNEG, "rollout.hf_batch_size": _GE1,
@@ -437,11 +451,12 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "algorithm.omega.omega_max": _NONNEG, "algorithm.omega.omega_min": _NONNEG,
     "algorithm.omega.peak_fraction": _UNIT,
     "actor.lr": _POS, "actor.weight_decay": _NONNEG, "actor.lr_warmup_steps": _NONNEG,
-    "actor.clip_low": _NONNEG, "actor.clip_high": _NONNEG, "actor.kl_coef": _NONNEG,
+    "actor.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "actor.clip_high": _NONNEG, "actor.kl_coef": _NONNEG,
     "actor.ppo_mini_batch_size": _GE1, "actor.ppo_epochs": _GE1,
     "actor.max_tokens_per_micro_batch": _GE1, "actor.grad_clip": _NONNEG,
     "trainer.total_steps": _GE1, "trainer.train_batch_size": _GE1, "trainer.save_every": _NONNEG,
-    "trainer.eval_every": _NONNEG, "trainer.log_every": _GE1,
+    "trainer.eval_every": _NONNEG, "trainer.log_every": _GE1, "trainer.max_skipped_steps": _GE1,
+    "trainer.collapse_entropy_frac": _UNIT,
 }
 
 
@@ -460,6 +475,13 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
 _AGG_MODES = typing.get_args(typing.get_type_hints(ActorConfig)["loss_agg_mode"])
 
 
+def _invalid(errors: list[str]) -> ConfigError:
+    """One line for one problem; one indented line per problem for several."""
+    if len(errors) == 1:
+        return ConfigError(f"invalid config: {errors[0]}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's type and range and the cross-field rules; raise one ConfigError
     listing every problem, each naming its dotted field. Returns ``cfg``."""
@@ -468,7 +490,7 @@ def validate(cfg: Config) -> Config:
     errors: list[str] = []
     _check_types(cfg, "", errors)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise _invalid(errors)
     for dotted, (ok, allowed) in _RANGES.items():
         v = _get(cfg, dotted)
         if v is not None and (isinstance(v, float) and not math.isfinite(v) or not ok(v)):
@@ -486,6 +508,10 @@ def validate(cfg: Config) -> Config:
     if a.ppo_mini_batch_size > t.train_batch_size or t.train_batch_size % a.ppo_mini_batch_size:
         errors.append(f"actor.ppo_mini_batch_size: got {a.ppo_mini_batch_size!r}; expected a divisor "
                       f"of trainer.train_batch_size ({t.train_batch_size!r})")
+    if cfg.rollout.n == 1 and not cfg.rollout.allow_single_sample:
+        errors.append(f"rollout.n: got 1; {cfg.algorithm.name}'s group-relative advantages of one "
+                      "response are 0, so nothing would be learned (set "
+                      "rollout.allow_single_sample=true to run anyway)")
     if o.omega_min > o.omega_max:
         errors.append(f"algorithm.omega.omega_min: got {o.omega_min!r}; expected <= "
                       f"algorithm.omega.omega_max ({o.omega_max!r})")
@@ -497,7 +523,7 @@ def validate(cfg: Config) -> Config:
         if not _get(cfg, dotted).strip():
             errors.append(f"{dotted}: got an empty string; expected a non-empty value")
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise _invalid(errors)
     return cfg
 
 

@@ -24,8 +24,10 @@ import icpo.trainer.trainer as trainer_mod
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import config_from_dict
 from icpo.data.dataset import DataError
+from icpo.errors import UserError
 from icpo.tasks.arithmetic import make_records, write_jsonl
 from icpo.trainer import Trainer
+from icpo.trainer.metrics import read_metrics as read_history
 
 REPO = Path(__file__).resolve().parents[1]
 # Wall-clock and throughput numbers differ between any two runs; everything else must not.
@@ -108,7 +110,8 @@ def make_cfg(model_dir, data, out, *overrides: str):
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The run's history as it stands (a resume supersedes the lines of the steps it redid)."""
+    return read_history(out / "metrics.jsonl")
 
 
 def deterministic(record: dict) -> dict:
@@ -287,7 +290,7 @@ def test_resume_matches_uninterrupted_run(tiny_random_model_dir, task_data, tmp_
 
     def crashing(self):
         # Step k+1 runs and is logged, but the run dies before its checkpoint: resume must
-        # drop that line from metrics.jsonl and redo the step from checkpoint k.
+        # supersede that line of metrics.jsonl and redo the step from checkpoint k.
         if self.step == k + 1:
             raise _Crash("simulated crash between checkpoints")
         return real_step(self)
@@ -307,6 +310,9 @@ def test_resume_matches_uninterrupted_run(tiny_random_model_dir, task_data, tmp_
     a = [deterministic(r) for r in read_metrics(straight_out)]
     b = [deterministic(r) for r in read_metrics(resumed_out)]
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    raw = [json.loads(ln) for ln in (resumed_out / "metrics.jsonl").read_text().splitlines()]
+    # Append-only: the crashed run's step-3 line is still there, before the resume marker.
+    assert [r["step"] for r in raw] == [0, 1, 2, 3, 2, 3, 4] and raw[4]["event"] == "resume"
     assert a[k + 1:] == b[k + 1:]
     assert a == b
     assert_same_weights(weights(straight), weights(resumed))
@@ -513,7 +519,7 @@ def test_bad_data_line_names_file_and_line(tiny_random_model_dir, task_data, tmp
 def test_resume_from_a_missing_checkpoint_names_it(tiny_random_model_dir, task_data, tmp_path):
     cfg = make_cfg(tiny_random_model_dir, task_data, tmp_path / "run")
     missing = tmp_path / "no_such_checkpoint"
-    with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
+    with pytest.raises(UserError, match="no_such_checkpoint"):
         Trainer(cfg, resume=str(missing))
 
 

@@ -99,9 +99,24 @@ def _to_record(raw: Any, where: str, index: int, stem: str, prompt_key: str,
     return PromptRecord(prompt, str(answer), data_source, dict(extra_info), index, where)
 
 
+def _decode(raw: bytes, path: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1})") from None
+
+
+def _read_text(path: str) -> str:
+    """The whole file as text; a byte that is not UTF-8 is an error naming its line."""
+    with open(path, "rb") as f:
+        return "".join(_decode(raw, path, n) for n, raw in enumerate(f, start=1))
+
+
 def _iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -123,11 +138,10 @@ def _iter_raw(path: str) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(rows, start=1):
             yield f"{path}:row {i}", row
     elif ext == ".json" and _first_char(path) == "[":
-        with open(path, encoding="utf-8") as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        try:
+            rows = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         for i, row in enumerate(rows, start=1):
             yield f"{path}:record {i}", row
     elif ext in (".jsonl", ".json"):
@@ -138,10 +152,10 @@ def _iter_raw(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _first_char(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         while ch := f.read(1):
             if not ch.isspace():
-                return ch
+                return ch.decode("latin-1")  # only compared with "["
     return ""
 
 

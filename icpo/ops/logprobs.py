@@ -58,6 +58,12 @@ torch.library.register_autograd("icpo::token_logprobs_fwd", _backward,
                                 setup_context=_setup_context)
 
 
+MIN_TEMPERATURE = 1e-3
+"""Smallest temperature accepted. Below it ``logits / temperature`` leaves float range for
+ordinary logits (1e-30 gave +inf / NaN); a colder softmax is greedy decoding, which has no
+log-probs to train on. ``icpo.config`` holds the same bound for ``rollout.temperature``."""
+
+
 def _check_args(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
     """Shape / dtype / device / scalar checks, raising with the offending argument's name."""
     if not isinstance(logits, torch.Tensor):
@@ -80,8 +86,8 @@ def _check_args(logits: torch.Tensor, labels: torch.Tensor, temperature: float) 
         raise ValueError(f"labels must be on logits' device {logits.device}, got {labels.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE}, got {temperature}")
 
 
 def _check_labels_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -113,7 +119,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
             dims merge into one is read in place. A non-unit vocabulary stride costs a copy.
         labels: int64, logits' leading shape (``[T]`` or ``[B, L]``), same device; each in
             ``[0, V)`` or equal to ``ignore_index``.
-        temperature: > 0; logits are divided by it before the softmax.
+        temperature: >= MIN_TEMPERATURE (1e-3); logits are divided by it before the softmax.
         return_entropy: when False the second output is None.
         ignore_index: label marking positions that get 0 for both outputs and no gradient.
 
@@ -124,7 +130,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
     Raises:
         TypeError / ValueError naming the argument: wrong dtype, shape or device, a label out of
-        range, ``temperature <= 0``, or a row of logits holding NaN or inf.
+        range, ``temperature < MIN_TEMPERATURE``, or a row of logits holding NaN or inf.
     """
     _check_args(logits, labels, temperature)
     leading, vocab = logits.shape[:-1], logits.shape[-1]

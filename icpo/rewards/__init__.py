@@ -10,10 +10,12 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from icpo.rewards.noise import add_reward_noise, num_noisy, uniform_group_mask
@@ -65,6 +67,18 @@ def load_reward_fn(dotted: str) -> Callable[..., Any]:
     return obj
 
 
+def as_real(value: Any) -> float | None:
+    """``value`` as a Python float when it is one real number of any common type (bool, int,
+    float, NumPy scalars and one-element arrays, one-element torch tensors), else None."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, (np.ndarray, np.generic)):
+        return float(value.item()) if value.size == 1 and value.dtype.kind in "biuf" else None
+    if isinstance(value, numbers.Real):  # bool is an int
+        return float(value)
+    return None
+
+
 @dataclass
 class RewardBatch:
     """Rewards of N responses."""
@@ -101,16 +115,26 @@ class RewardFn:
                 raise TypeError(f"reward function {self.name!r} returned a dict without 'score' "
                                 f"(keys: {sorted(out)})")
             score = out["score"]
-            extras = {k: float(v) for k, v in out.items() if k not in ("score", "acc")
-                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for k, v in out.items():
+                if k not in ("score", "acc") and not isinstance(v, bool) and as_real(v) is not None:
+                    extras[k] = as_real(v)
             acc = out.get("acc")
         else:
             score, acc = out, None
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        value = as_real(score)
+        if value is None or not math.isfinite(value):
             raise TypeError(f"reward function {self.name!r} returned score {score!r} for response "
-                            f"{i}; expected a finite number")
-        acc = float(score > 0) if acc is None else float(bool(acc))
-        return float(score), acc, extras
+                            f"{i}; expected a finite number (any real type)")
+        if acc is None:
+            acc_value = float(value > 0)
+        else:
+            acc_value = as_real(acc)
+            # float(bool(nan)) is 1.0: a NaN "acc" would be logged as a correct answer.
+            if acc_value is None or not math.isfinite(acc_value):
+                raise TypeError(f"reward function {self.name!r} returned acc {acc!r} for response "
+                                f"{i}; expected a bool or a finite number (non-zero = correct)")
+            acc_value = float(acc_value != 0)
+        return value, acc_value, extras
 
     def __call__(self, records: Sequence[Any], responses_text: Sequence[str]) -> RewardBatch:
         """Rewards for ``responses_text[i]``, whose prompt is ``records[i]`` or, when there are
@@ -136,6 +160,6 @@ class RewardFn:
 
 
 __all__ = [
-    "RewardBatch", "RewardFn", "add_reward_noise", "answer_reward", "compute_score",
+    "RewardBatch", "RewardFn", "add_reward_noise", "answer_reward", "as_real", "compute_score",
     "extract_answer", "format_reward", "load_reward_fn", "num_noisy", "uniform_group_mask",
 ]

@@ -6,8 +6,9 @@ Layout of ``<output_dir>/checkpoints/step_000010/``:
   ``trainer_state.json``  step, data-sampler position, config
   ``rng_rank{r}.pt``      Python / NumPy / torch RNG states of each rank
 Everything is written into ``.step_000010.tmp`` first and renamed once complete, so a crash
-never leaves a half-written checkpoint that ``--resume`` could pick up. ``latest`` names the
-newest complete one. Multi-node runs need ``output_dir`` on a shared filesystem.
+never leaves a half-written checkpoint that ``--resume`` could pick up; leftovers are cleaned at
+the next start (``run_folder.clean_stale``). ``latest`` names the newest complete one, and the
+trainer never writes a checkpoint from non-finite weights (``Trainer.save``). Multi-node runs need ``output_dir`` on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -74,25 +75,15 @@ def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict
     dist.barrier()
     if dist.rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".{name}.old"
+        if final.exists():  # a step saved again (resumed from an older checkpoint)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)  # put back at start if a crash comes before the next line
         os.replace(tmp, final)
         _write_text_atomic(root / "latest", name)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = the newest complete one in ``output_dir``
-    (None if there is none), else the given checkpoint folder, which must exist."""
-    if resume == "auto":
-        latest = output_dir / "checkpoints" / "latest"
-        return output_dir / "checkpoints" / latest.read_text().strip() if latest.exists() else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete icpo checkpoint "
-                                "(no trainer_state.json)")
-    return path
 
 
 def load_checkpoint(path: Path, actor) -> dict[str, Any]:

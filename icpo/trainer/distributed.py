@@ -23,13 +23,17 @@ def _free_port() -> int:
 
 _LAUNCHED = False
 """Whether a launcher (torchrun, deepspeed) started this process: it set RANK before we did."""
+_FILLED_IN = False
+"""Whether we set RANK ourselves (a lone process): a later trainer in the same process then
+finds RANK set but was not launched either."""
 
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
     """Initialize the process group once; returns ``(rank, world_size, device)``."""
-    global _LAUNCHED
-    _LAUNCHED = _LAUNCHED or "RANK" in os.environ
+    global _LAUNCHED, _FILLED_IN
+    _LAUNCHED = _LAUNCHED or ("RANK" in os.environ and not _FILLED_IN)
     if "RANK" not in os.environ:
+        _FILLED_IN = True
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

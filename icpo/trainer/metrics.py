@@ -1,5 +1,11 @@
 """Where a step's metrics go: ``metrics.jsonl`` (always), TensorBoard and W&B (optional),
-and a progress bar on the console. Only rank 0 writes."""
+and a progress bar on the console. Only rank 0 writes.
+
+``metrics.jsonl`` is only ever appended to. A resumed run appends a marker line
+``{"step": k, "event": "resume", ...}`` and then re-logs the steps after checkpoint ``k``;
+:func:`read_metrics` returns the history as it stands (the lines of steps a resume redid are
+superseded, not deleted). A last line torn by a crash mid-write is moved to
+``metrics.jsonl.torn`` when the file is next opened, so every line of the file stays JSON."""
 
 from __future__ import annotations
 
@@ -29,12 +35,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The step records of a ``metrics.jsonl`` as the run stands: a resume marker at step
+    ``k`` supersedes the earlier lines of steps after ``k`` (the resumed run redid them).
+    A malformed line is a ValueError naming file and line."""
+    rows: list[dict] = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if row.get("event") == "resume":
+            rows = [r for r in rows if r.get("step", 0) <= row["step"]]
+        else:
+            rows.append(row)
+    return rows
+
+
 class MetricsLogger:
     """One JSON line per step in ``<output_dir>/metrics.jsonl``, plus optional sinks."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = False, wandb_project: str | None = None,
-                 progress_bar: bool = True, config: dict | None = None, log_every: int = 1):
+                 progress_bar: bool = True, config: dict | None = None, log_every: int = 1,
+                 resumed: bool = False):
         self.enabled = enabled
         self.log_every = log_every
         self.path = output_dir / "metrics.jsonl"
@@ -42,10 +68,10 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        if start_step == 0 and self.path.exists():
-            self.path.unlink()
-        elif self.path.exists():
-            self._truncate_after(start_step)
+        self._recover_torn_line()
+        if resumed:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": start_step, "event": "resume", "time": time.time()}) + "\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,13 +86,18 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="icpo", unit="step",
                              dynamic_ncols=True)
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be re-run)."""
-        lines = [ln for ln in self.path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        tmp.replace(self.path)
+    def _recover_torn_line(self) -> None:
+        """Move an unterminated last line (a write cut short) to ``metrics.jsonl.torn``."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n") + 1
+            with self.path.with_name(self.path.name + ".torn").open("ab") as torn:
+                torn.write(data[cut:] + b"\n")
+            f.truncate(cut)
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
         """Write ``metrics`` of ``step``; ``advance`` moves the progress bar one step."""

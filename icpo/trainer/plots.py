@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from icpo.trainer.metrics import read_metrics  # noqa: F401 (also imported from here)
+
 PANELS = (("reward/mean", "reward"), ("val/accuracy", "held-out accuracy"),
           ("entropy", "entropy"), ("omega", "omega"))
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a malformed line is an error naming file and line."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-    return rows
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:

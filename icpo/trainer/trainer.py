@@ -10,6 +10,7 @@ step over token-budget micro-batches; weights pushed to the rollout engine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,19 @@ from icpo import ops
 from icpo.algorithms import compute_advantages, default_delta, grpo_loss, omega_at
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
-from icpo.data import PromptDataset, PromptSampler, load_files
+from icpo.data import PromptDataset, PromptSampler
+from icpo.errors import TrainingStopped, UserError
 from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
 from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.evaluate import evaluate
+from icpo.trainer.guard import Guard, optimizer_step
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
 from icpo.models import resolve_model_path
+from icpo.trainer.preflight import preflight
 from icpo.trainer.setup import build_engines, load_tokenizer
 
 
@@ -51,22 +55,33 @@ class Rollout:
 
 
 class Trainer:
-    """Trains ``cfg.model.path`` with ``cfg.algorithm.name`` (``icpo`` or ``grpo``)."""
+    """Trains ``cfg.model.path`` with ``cfg.algorithm.name`` (``icpo`` or ``grpo``).
 
-    def __init__(self, cfg: Config, resume: str | None = None):
+    ``resume``: "auto" (newest checkpoint in ``output_dir``) or a checkpoint folder;
+    ``overwrite``: replace the run files of another run in ``output_dir`` (else refused)."""
+
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False):
         self.cfg = cfg
+        # Before any set-up: a bad input ends every rank alike, before the model loads.
+        pre = preflight(cfg, resume=resume, overwrite=overwrite)
         check_engine_available(cfg.rollout.engine)  # before any model or process group
         self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
         self.output_dir = Path(cfg.trainer.output_dir)
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
-        self.train_data = PromptDataset(load_files(cfg.data.train_files, cfg.data), self.tokenizer, cfg.data)
+        self.train_data = PromptDataset(pre.train_records, self.tokenizer, cfg.data)
+        self.data_fingerprint = pre.data_fingerprint
         self.val_data = None
-        if cfg.data.val_files:
-            val = load_files(cfg.data.val_files, cfg.data)[: cfg.data.val_max_samples or None]
-            self.val_data = PromptDataset(val, self.tokenizer, cfg.data)
+        if pre.val_records is not None:
+            self.val_data = PromptDataset(pre.val_records, self.tokenizer, cfg.data)
+        skipped = self.train_data.num_skipped + (self.val_data.num_skipped if self.val_data else 0)
+        if skipped and self.rank == 0:
+            print(f"icpo: warning: skipped {self.train_data.num_skipped} training and "
+                  f"{skipped - self.train_data.num_skipped} held-out prompts longer than "
+                  f"data.max_prompt_length={cfg.data.max_prompt_length} tokens "
+                  "(data.overlong_prompts=error refuses them instead)", file=sys.stderr)
         if cfg.trainer.train_batch_size % self.world:
-            raise ValueError(f"trainer.train_batch_size={cfg.trainer.train_batch_size} must be "
+            raise UserError(f"trainer.train_batch_size={cfg.trainer.train_batch_size} must be "
                              f"divisible by the number of processes ({self.world})")
         self.local_prompts = cfg.trainer.train_batch_size // self.world
         # ZeRO-3 gathers parameters collectively in every forward: ranks run forwards in step.
@@ -83,18 +98,19 @@ class Trainer:
                                            zero_stage=cfg.trainer.zero_stage,
                                            model_path=resolve_model_path(cfg.model.path))
         self.step = 0
-        if resume:
-            path = ckpt.find_checkpoint(resume, self.output_dir)
-            if path is not None:
-                state = ckpt.load_checkpoint(path, self.engines.actor)
-                self.step = state["step"]
-                self.sampler.load_state_dict(state["sampler"])
-                self._sync_weights()
+        self.guard = Guard(cfg.trainer.max_skipped_steps, cfg.trainer.collapse_entropy_frac,
+                           self.engines.actor.module.config.vocab_size)
+        if pre.checkpoint is not None:
+            state = ckpt.load_checkpoint(pre.checkpoint, self.engines.actor)
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.guard.load_state_dict(state.get("guard", {}))
+            self._sync_weights()
         self.logger = MetricsLogger(
             self.output_dir, enabled=self.rank == 0, total_steps=cfg.trainer.total_steps,
             start_step=self.step, tensorboard=cfg.trainer.tensorboard,
             wandb_project=cfg.trainer.wandb_project, progress_bar=cfg.trainer.progress_bar,
-            log_every=cfg.trainer.log_every,
+            log_every=cfg.trainer.log_every, resumed=pre.checkpoint is not None,
             config=cfg.to_dict())
         if self.rank == 0:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -172,7 +188,8 @@ class Trainer:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
-        return {k: v / counts[k] for k, v in sums.items()}
+        # Skipped optimizer steps are counted, everything else averaged over the mini-batches.
+        return {k: v if k.startswith("guard/") else v / counts[k] for k, v in sums.items()}
 
     def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok, fused=None) -> dict:
         cfg, actor = self.cfg, self.engines.actor
@@ -182,7 +199,7 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
                                 cfg.actor.max_tokens_per_micro_batch)
-        padding = 0
+        padding, bad_loss = 0, False
         if actor.zero_optimization_partition_gradients():
             # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
             # backward passes; token-budget packing gives ranks different micro-batch counts.
@@ -204,6 +221,7 @@ class Trainer:
                 adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
                 cfg.rollout.max_response_length, global_tokens=global_tokens,
                 global_seqs=global_seqs, num_micro_batches=len(batches))
+            bad_loss = bad_loss or not bool(torch.isfinite(loss.detach()))
             actor.backward(loss, scale_wrt_gas=False)
             # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
             # means of this micro-batch, weighted here by its token count.
@@ -216,12 +234,9 @@ class Trainer:
             self._zero_backward()
         tokens = sums.pop("_tokens", 0.0)
         sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
-        grad_norm = None
-        if actor.zero_optimization_stage() == 0:
-            grads = [p.grad for p in actor.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
-        actor.step()
+        skipped, grad_norm = optimizer_step(actor, bad_loss)
+        self.guard.record(skipped, self.step + 1, may_stop=not actor.fp16_enabled())
+        sums["guard/skipped_steps"] = float(skipped)
         if grad_norm is None:
             gn = actor.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
@@ -270,6 +285,8 @@ class Trainer:
         n_tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, ro.response_ids)))]))
         metrics["perf/tokens_per_s"] = n_tokens.item() / t["time/step"]
         metrics["omega"], metrics["delta"] = omega, self.delta
+        metrics["guard/skipped_total"] = float(self.guard.total)
+        metrics["data/skipped_prompts"] = float(self.train_data.num_skipped)
         return {**metrics, **t}
 
     def _learn(self, ro: Rollout, rewards, omega: float, t: dict, step: int, acc=None) -> dict:
@@ -354,8 +371,20 @@ class Trainer:
         return evaluate(self.rollout, self.tokenizer, self.val_data, self.reward_fn, self.cfg.rollout,
                         rank=self.rank, world=self.world)
 
+    def _probe_logits(self) -> torch.Tensor:
+        """Logits (at the rollout temperature) of the policy on the start of a training prompt;
+        every rank runs it, as ZeRO-3 gathers parameters collectively."""
+        ids = torch.tensor([self.train_data.items[0].prompt_ids[:32]], device=self.device)
+        with torch.no_grad():
+            return self.engines.actor.module(input_ids=ids).logits / self.cfg.rollout.temperature
+
     def save(self) -> Path:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}
+        """Checkpoint the current step; refused (TrainingStopped, nothing written, ``latest``
+        unchanged) when the policy's weights or outputs are non-finite or uniform."""
+        self.guard.check_checkpointable(self.step, self.engines.actor.module, self._probe_logits())
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
+                 "data_fingerprint": self.data_fingerprint, "guard": self.guard.state_dict(),
+                 "world_size": self.world}
         return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
                                     self.tokenizer, state)
 
@@ -379,6 +408,7 @@ class Trainer:
                     metrics["val/accuracy"] = self.evaluate()
                 self.logger.log(self.step, metrics)
                 history.append({"step": self.step, **metrics})
+                self.guard.check_policy(self.step, metrics.get("entropy"), self.engines.actor.module)
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
         finally:
