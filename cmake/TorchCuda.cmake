@@ -68,6 +68,9 @@ elseif(ICPO_TORCH_CUDA STREQUAL "")
   set(_why "torch ${ICPO_TORCH_VERSION} is a CPU-only build")
 else()
   include(CheckLanguage)
+  if(DEFINED CMAKE_CUDA_COMPILER AND NOT CMAKE_CUDA_COMPILER)
+    unset(CMAKE_CUDA_COMPILER CACHE)  # look again: nvcc may have been installed since
+  endif()
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     set(_build_cuda ON)
@@ -78,9 +81,9 @@ else()
       "bin/ on PATH, or set CUDACXX=/path/to/nvcc; or build with ICPO_CUDA=AUTO for the CPU "
       "kernels only.")
   else()
-    string(CONCAT _why "torch ${ICPO_TORCH_VERSION} has CUDA ${ICPO_TORCH_CUDA} but no CUDA compiler (nvcc) "
-             "was found; install the CUDA toolkit and put nvcc on PATH (or set CUDACXX) to build "
-             "the CUDA kernels, or set ICPO_CUDA=ON to make this an error")
+    string(CONCAT _why "torch ${ICPO_TORCH_VERSION} has CUDA ${ICPO_TORCH_CUDA} but no CUDA "
+           "compiler (nvcc) was found; install the CUDA toolkit and put nvcc on PATH (or set "
+           "CUDACXX) to build the CUDA kernels, or set ICPO_CUDA=ON to make this an error")
     message(WARNING "icpo: building the CPU kernels only: ${_why}")
     set(_warned ON)
   endif()
@@ -130,6 +133,8 @@ if(_build_cuda)
                     "of the same major version")
   endif()
 elseif(NOT ICPO_TORCH_CUDA STREQUAL "")
+  # CPU kernels against a CUDA torch: torch's cuda.cmake returns at its include guard, so
+  # find_package(Torch) needs no toolkit (we link libtorch_cuda, which brings its own cudart).
   add_library(torch::cudart INTERFACE IMPORTED)
 endif()
 
