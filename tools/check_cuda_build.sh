@@ -12,8 +12,9 @@
 #      cubins embedded in the library: exactly the expected architectures;
 #   3. AUTO with nvcc hidden from PATH: configures CPU-only and says why in one warning;
 #   4. ICPO_CUDA=ON with nvcc hidden: fails, naming the fix.
-# About 30 s to configure on 2 cores, plus ~4 min for the build; the wheel (~0.55 GB) is
-# downloaded once and its files kept under ${XDG_CACHE_HOME:-~/.cache}/icpo-cuda-torch.
+# Cost: ~10 s of CPU for the three configures, ~3 min of CPU for the build (2-4 min of wall time
+# on an idle 2-core machine); the wheel (~0.55 GB) is downloaded once and the files CMake reads
+# (1.1 GB) kept under ${XDG_CACHE_HOME:-~/.cache}/icpo-cuda-torch.
 #
 # Usage: tools/check_cuda_build.sh [--configure-only] [--keep DIR]
 # Env:   PYTHON (default python3; needs pip), NVCC (default: nvcc on PATH, else
