@@ -6,7 +6,11 @@ Importing the package loads the compiled extension ``icpo._C``, which registers 
 
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
 
-from icpo import _build_info  # written by the build (cmake/TorchCuda.cmake)
+try:
+    from icpo import _build_info  # written by the build (cmake/TorchCuda.cmake)
+except ImportError as exc:
+    raise ImportError("icpo's compiled extension is missing or older than this source: build it "
+                      "with `pip install --no-build-isolation --no-deps -e .`") from exc
 
 if torch.__version__ != _build_info.torch_version:
     # A C++ extension only works with the torch it was compiled against; a build in an isolated
