@@ -8,11 +8,14 @@ Providers (all compute the label log-prob and the entropy, fp32 accumulation, te
 Modes: ``fwd`` (no grad, as when scoring rollouts) and ``fwdbwd`` (forward, then the gradient of
 ``sum(g1 * logp + g2 * entropy)`` with respect to the logits).
 
-Each (shape, dtype, provider, mode) runs in a fresh spawned process so its peak memory can be
-measured alone: on CPU, peak RSS (VmHWM, reset once the inputs exist; ru_maxrss where there is no
+On CPU each (shape, dtype, provider, mode) runs in a fresh spawned process so its peak memory can
+be measured alone (on CUDA all run in this process, emptying the allocator's cache between runs,
+unless --isolate): on CPU, peak RSS (VmHWM, reset once the inputs exist; ru_maxrss where there is no
 /proc) minus the RSS right after the inputs were made; on CUDA, torch.cuda.max_memory_allocated
 minus the memory allocated for the inputs. Effective GB/s counts the logits bytes moved: one read
-for fwd; for fwdbwd, two reads plus the gradient write.
+for fwd; for fwdbwd, two reads plus the gradient write. ``bw_fraction`` is that over the
+device's copy bandwidth, measured at the start (a 1 GiB copy on CUDA, 256 MiB on CPU, counting
+bytes read plus bytes written).
 
 Reading CPU numbers: fresh multi-MB tensors are faulted in 4 KiB pages, which is slow on VMs; icpo's
 backward asks for transparent huge pages for its gradient, eager/chunked temporaries get them only
@@ -196,6 +199,17 @@ def _time_cuda(fn, warmup, iters):
     return {"p50": statistics.median(times), "p20": q[1], "p80": q[7]}
 
 
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large device-to-device copy (bytes read + bytes written), median of 10."""
+    import torch
+
+    n = (1 << 30 if device == "cuda" else 1 << 28) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    timing = (_time_cuda if device == "cuda" else time_fn)(lambda: dst.copy_(src), 3, 10)
+    return 2 * n * 4 / (timing["p50"] * 1e-3) / 1e9
+
+
 def _child(cfg: dict, results) -> None:
     try:
         results.put(("ok", measure(cfg)))
@@ -252,6 +266,8 @@ def _args(argv=None):
     p.add_argument("--max-mem-gb", type=float, default=12.0,
                    help="skip a run whose estimated peak exceeds this many GB (shared machines)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated run")
+    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
+                   help="one spawned process per run (auto: on CPU only)")
     p.add_argument("--name", default=None, help="result file stem under bench/results/")
     return p.parse_args(argv)
 
@@ -262,6 +278,9 @@ def main(argv=None) -> None:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(args.tokens or t, v) for t, v in args.shapes]
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and device == "cpu")
+    copy_gbps = copy_bandwidth(device)
+    print(f"copy bandwidth on {device}: {copy_gbps:.0f} GB/s", flush=True)
     rows = []
     for (T, V) in shapes:
         for dname in args.dtypes:
@@ -280,7 +299,7 @@ def main(argv=None) -> None:
                         continue
                     cfg = {"T": T, "V": V, "dtype": dname, "mode": mode, "provider": provider,
                            "device": device, "warmup": args.warmup, "iters": args.iters}
-                    res = run_isolated(cfg, args.timeout)
+                    res = run_isolated(cfg, args.timeout) if isolate else _in_process(cfg)
                     if "error" in res:
                         row["note"] = res["error"]
                         rows.append(row)
@@ -289,14 +308,17 @@ def main(argv=None) -> None:
                     passes = 1 if mode == "fwd" else 3
                     row.update(p50_ms=res["p50"], p20_ms=res["p20"], p80_ms=res["p80"],
                                GBps=passes * logits_bytes / (res["p50"] * 1e-3) / 1e9,
+                               bw_fraction=passes * logits_bytes / (res["p50"] * 1e-3) / 1e9
+                               / copy_gbps,
                                peak_extra_MB=res["peak_extra_bytes"] / 2**20,
                                extra_over_logits=res["peak_extra_bytes"] / logits_bytes)
                     rows.append(row)
                     print({k: row[k] for k in ("T", "V", "dtype", "mode", "provider", "p50_ms",
                                                "peak_extra_MB")}, flush=True)
     _add_ratios(rows)
-    columns = ["T", "V", "dtype", "mode", "provider", "p50_ms", "GBps", "peak_extra_MB",
-               "extra_over_logits", "speedup_vs_eager", "note"]
+    columns = ["T", "V", "dtype", "mode", "provider", "p50_ms", "GBps", "bw_fraction",
+               "peak_extra_MB", "extra_over_logits", "speedup_vs_eager", "speedup_vs_chunked",
+               "note"]
     print()
     print(markdown_table(rows, columns))
     name = args.name or f"logprobs_{device}"
@@ -304,18 +326,35 @@ def main(argv=None) -> None:
                                 "argv": sys.argv[1:], "machine": machine_info(),
                                 "gbps_counts": "fwd: 1 logits read; fwdbwd: 2 reads + 1 grad write",
                                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                                "copy_GBps": copy_gbps, "isolated_runs": isolate,
                                 "rows": rows})
     print(f"\nwrote {path}")
 
 
+def _in_process(cfg: dict) -> dict:
+    """measure(cfg) here (CUDA: peak memory is per-device and resettable); {"error": ...} on
+    failure, e.g. out of memory."""
+    import torch
+
+    try:
+        return measure(cfg)
+    except Exception as exc:  # report the run, go on with the others
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_eager = eager p50 / provider p50, for rows of the same shape, dtype and mode."""
-    eager_p50 = {(r["T"], r["V"], r["dtype"], r["mode"]): r.get("p50_ms")
-                 for r in rows if r["provider"] == "eager"}
-    for r in rows:
-        base = eager_p50.get((r["T"], r["V"], r["dtype"], r["mode"]))
-        if base and r.get("p50_ms"):
-            r["speedup_vs_eager"] = base / r["p50_ms"]
+    """speedup_vs_<base> = base p50 / provider p50, for rows of the same shape, dtype and mode,
+    base = eager and chunked."""
+    for base_name in ("eager", "chunked"):
+        base_p50 = {(r["T"], r["V"], r["dtype"], r["mode"]): r.get("p50_ms")
+                    for r in rows if r["provider"] == base_name}
+        for r in rows:
+            base = base_p50.get((r["T"], r["V"], r["dtype"], r["mode"]))
+            if base and r.get("p50_ms"):
+                r[f"speedup_vs_{base_name}"] = base / r["p50_ms"]
 
 
 if __name__ == "__main__":

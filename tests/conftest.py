@@ -43,3 +43,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs a GPU carries the ``cuda`` mark, so ``pytest -m cuda`` (what
+    tools/gpu_check.sh runs) takes them all: those marked so, and those named for CUDA
+    (``test_cuda_*``, or a ``cuda`` parameter)."""
+    for item in items:
+        if "cuda" in item.name and item.get_closest_marker("cuda") is None:
+            item.add_marker(pytest.mark.cuda)

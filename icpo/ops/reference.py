@@ -40,10 +40,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
                    return_entropy: bool = True, ignore_index: int = -100):
     """Per-token log-prob of ``labels`` and entropy of ``softmax(logits / temperature)``.
 
-    logits ``[..., V]`` any float dtype, labels int64 ``[...]`` -> (logp, entropy) fp32 ``[...]``.
-    Positions whose label is ``ignore_index`` give 0 for both.
+    logits ``[..., V]`` any float dtype, labels int64 ``[...]`` -> (logp, entropy) fp32 ``[...]``
+    (float64 for float64 logits: the yardstick of the cross-device checks). Positions whose label
+    is ``ignore_index`` give 0 for both.
     """
-    z = logits.float() / temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logz = torch.log_softmax(z, dim=-1)
     ignored = labels == ignore_index
     safe = labels.masked_fill(ignored, 0)
