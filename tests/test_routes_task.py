@@ -60,3 +60,29 @@ def test_uniform_groups():
     assert uniform_groups(g) == [True, True, True]
     g.correct = [True, False, False, False, True, True]
     assert uniform_groups(g) == [False, True, True]
+
+
+def test_bundled_testbed_model_is_small_and_shares_the_tokenizer():
+    from icpo.models import TINY_MODEL, TINY_ROUTES_MODEL, bundled_model_dir, resolve_model_path
+
+    folder = bundled_model_dir(TINY_ROUTES_MODEL)
+    assert resolve_model_path(TINY_ROUTES_MODEL) == str(folder)
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
+    assert (folder / "tokenizer.json").read_bytes() == (bundled_model_dir(TINY_MODEL) / "tokenizer.json").read_bytes()
+
+
+def test_testbed_model_takes_the_slipping_route_greedily():
+    """Greedy on a problem with a negative difference: route A with the sign dropped (a confident
+    error), which is what the testbed is built to have."""
+    import torch
+
+    from icpo.tasks.probe import load
+
+    model, tok = load("icpo/tiny-routes")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Compute: 3 - 11 * 2"}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert route_of(text) == "A" and extract_answer(text) == str(route_steps("3 - 11 * 2", "A")[1]), text
