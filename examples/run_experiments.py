@@ -73,9 +73,13 @@ DATA_SIZES = {"full": (3000, 1000), "quick": (400, 100)}
 """(train prompts, held-out prompts) per mode; the full run reads fewer than 3000 prompts per
 run (steps x batch) and evaluates on 1000 held-out prompts (greedy)."""
 
-# Cost model from the 2-core development machine (HF engine, fp32), per response of
-# max_response_length 64 (scaled by the length), measured on a shared, loaded machine: see
-# docs/experiments.md for the measurement. Runs report their real times and the ETA is rescaled.
+# Cost model (HF engine, fp32, per response of max_response_length 64, scaled by the length).
+# Anchor: the old tiny_cpu step (32 prompts x 8, one update) took 1.35 s on the idle 2-core
+# machine; interleaved with it on a loaded machine (A B A B, medians of 10 steps each), a step of
+# the routes preset (32 x 5, four updates, ~19-token responses) took 0.47x as long, so ~0.64 s
+# idle; a greedy evaluation of 1000 held-out prompts costs about two such steps. The constants
+# below predict 0.96 s and 3 s: about 50 % margin for a shared machine. The ETA printed while
+# running is rescaled by the measured run times.
 STARTUP_S = 8.0
 STEP_S_PER_RESPONSE = 0.008
 EVAL_S_PER_PROMPT = 0.004
