@@ -28,7 +28,8 @@ def difficulty_of(task: str):
     raise ValueError(f"--task: expected one of {TASKS}, got {task!r}")
 
 
-def _lines(path: Path) -> int:
+def count_lines(path: Path) -> int:
+    """Lines of a text file (records of a JSONL file)."""
     with path.open() as f:
         return sum(1 for _ in f)
 
@@ -42,9 +43,14 @@ def ensure_data(exp_dir: Path, task: str, train_size: int, val_size: int) -> tup
     folder = exp_dir / "data"
     paths = folder / "train.jsonl", folder / "val.jsonl"
     for path, split, n in ((paths[0], "train", train_size), (paths[1], "val", val_size)):
-        if not path.is_file() or _lines(path) != n:
+        if not path.is_file() or count_lines(path) != n:
             write_jsonl(make_records(split, n, difficulty=d), path)
     return paths
+
+
+def coarse_path(train_file: Path) -> Path:
+    """Where :func:`coarse_train_file` writes the coarse data of ``train_file``."""
+    return train_file.with_name("coarse.jsonl")
 
 
 def coarse_train_file(train_file: Path, model: str, group_size: int, max_new_tokens: int,
@@ -58,8 +64,9 @@ def coarse_train_file(train_file: Path, model: str, group_size: int, max_new_tok
     from icpo.tasks.arithmetic import write_jsonl
     from icpo.tasks.probe import load, sample_graded, uniform_groups
 
-    out, stats_path = train_file.with_name("coarse.jsonl"), train_file.with_name("coarse.json")
-    want = {"source": str(train_file), "source_lines": _lines(train_file), "model": model,
+    out = coarse_path(train_file)
+    stats_path = out.with_suffix(".json")
+    want = {"source": str(train_file), "source_lines": count_lines(train_file), "model": model,
             "group_size": group_size, "max_new_tokens": max_new_tokens, "seed": seed}
     if out.is_file() and stats_path.is_file():
         stats = json.loads(stats_path.read_text())

@@ -160,21 +160,17 @@ class Plan:
         return sum(r.estimate_s for r in self.runs)
 
 
-def estimate_run_seconds(cfg) -> float:
-    """Predicted wall time of one run of ``cfg`` on this machine (see the cost model above)."""
+def estimate_run_seconds(cfg, val_size: int | None = None) -> float:
+    """Predicted wall time of one run of ``cfg`` on this machine (see the cost model above);
+    ``val_size``: held-out prompts in the val file (default: the full mode's)."""
     t = cfg.trainer
     evals = 0
     if cfg.data.val_files and t.eval_every:
         evals = 1 + t.total_steps // t.eval_every + (1 if t.total_steps % t.eval_every else 0)
-    n_val = cfg.data.val_max_samples or DATA_SIZES["full"][1]
+    n_val = cfg.data.val_max_samples or val_size or DATA_SIZES["full"][1]
     length = cfg.rollout.max_response_length / 64
     return (STARTUP_S + t.total_steps * t.train_batch_size * cfg.rollout.n * length * STEP_S_PER_RESPONSE
             + evals * n_val * cfg.rollout.val_n * length * EVAL_S_PER_PROMPT)
-
-
-def coarse_path(train_file: Path) -> Path:
-    """Where the coarse data of ``train_file`` is written (see ``experiment_data``)."""
-    return train_file.with_name("coarse.jsonl")
 
 
 def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[str], exp_dir: Path,
@@ -186,10 +182,11 @@ def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[st
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
     val = f"data.val_files={json.dumps([str(data_files[1])])}"
+    val_size = data.count_lines(data_files[1]) if data_files[1].is_file() else None
     by_key: dict[str, str] = {}
     plan = Plan([], {}, settings, list(seeds), list(mode_overrides), preset)
     for s in settings:
-        train = coarse_path(data_files[0]) if s.coarse else data_files[0]
+        train = data.coarse_path(data_files[0]) if s.coarse else data_files[0]
         base = [*mode_overrides, *s.overrides, f"data.train_files={json.dumps([str(train)])}", val]
         cfg = load_config(preset, base)
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
@@ -203,7 +200,7 @@ def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[st
             out = exp_dir / "runs" / f"{s.slug}_seed{k}"
             ov = [*base, f"trainer.seed={k}", f"data.seed={k}", f"reward.noise_seed={k}",
                   f"trainer.output_dir={out}", "trainer.progress_bar=false"]
-            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg)))
+            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg, val_size)))
     return plan
 
 
@@ -318,7 +315,7 @@ def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run]) -
         return None
     from icpo.config import load_config
 
-    path = coarse_path(data_files[0])
+    path = data.coarse_path(data_files[0])
     if todo or not path.is_file():
         cfg = load_config(plan.preset, plan.mode_overrides)
         t0 = time.perf_counter()
