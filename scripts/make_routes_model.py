@@ -7,7 +7,7 @@ probability ``--route-b``, by route B (add the opposite, always right). A fixed 
 fixed seeds, one thread; writes ``icpo/models/tiny_routes`` atomically and prints greedy accuracy,
 sampled accuracy and which route the samples take on held-out ``val`` problems.
 
-Reproduce the committed files (a few minutes on one core of the 2-core dev machine)::
+Reproduce the committed files byte for byte (7.5 min on one core of the shared 2-core dev machine)::
 
     python scripts/make_routes_model.py          # defaults = the committed model
     python scripts/measure_premise.py --model icpo/tiny-routes --task routes
