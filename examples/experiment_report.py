@@ -4,6 +4,11 @@
 A setting is a dict ``{"group", "label", "slug", "algorithm", "run", "runs": [{"seed", "dir"}]}``;
 each run dir holds the trainer's ``metrics.jsonl``. Missing or unfinished seeds are left out
 and the table says how many seeds each line averages.
+
+Comparisons are paired by seed (a seed fixes the prompts, their order and the reward noise for
+every method): per seed the difference of final held-out accuracy and of the area under the
+validation curve (AUC: trapezoid mean of held-out accuracy over the evaluated steps), then the
+mean difference with a 95 % Student-t interval over seeds.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ DIAG_KEYS = (
     ("zero_std_group_frac", "zero-std groups"),
     ("advantage/std", "adv. std"),
     ("coarse/kept_group_frac", "kept groups"),
+    ("premise/correct_less_confident", "correct less conf."),
+    ("premise/bonus_at_cap", "bonus at cap"),
     ("accuracy", "train acc."),
 )
 """Diagnostics averaged over the steps of each run, then over seeds; a column whose key no run
@@ -33,8 +40,17 @@ logged is left out of the table."""
 CURVE_PANELS = (("val/accuracy", "held-out accuracy"), ("entropy", "entropy"))
 DIAG_PANELS = (("confidence/std", "confidence std (batch)"), ("icpo/score/mean", "ICPO score mean"),
                (BONUS, "ICPO bonus (mean reward added)"), ("omega", "omega"),
-               ("zero_std_group_frac", "zero-std group fraction"), ("advantage/std", "advantage std"))
+               ("zero_std_group_frac", "zero-std group fraction"), ("advantage/std", "advantage std"),
+               ("premise/correct_less_confident", "premise: correct is less confident"),
+               ("premise/bonus_at_cap", "bonus at its cap |R|/tau"))
 COMPARED_GROUPS = ("main", "noisy", "coarse")
+"""Groups holding a GRPO and an ICPO line: ICPO - GRPO within the group."""
+BASELINE = ("main", "grpo")
+"""The ablation groups' lines (omega schedules, delta) are compared with GRPO of ``main``."""
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042)
+"""Two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (1.96 beyond)."""
 
 
 # ------------------------------------------------------------------------------- reading runs
@@ -82,6 +98,27 @@ def mean_std(values: list[float | None]) -> dict:
     return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
 
 
+def auc(rows: list[dict], key: str = "val/accuracy") -> float | None:
+    """Area under ``key``'s curve over the steps it was logged at (trapezoids), divided by the
+    step span: the curve's average height, comparable across runs of the same schedule."""
+    pts = series(rows, key)
+    if len(pts) < 2:
+        return pts[0][1] if pts else None
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
+    return area / (pts[-1][0] - pts[0][0])
+
+
+def t_interval(values: list[float]) -> dict:
+    """Mean, sample std, n and the 95 % Student-t interval ``[lo, hi]`` of the mean (None when
+    n < 2)."""
+    out = mean_std(values)
+    n = out["n"]
+    if n < 2:
+        return {**out, "ci95": None}
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * out["std"] / math.sqrt(n)
+    return {**out, "ci95": [out["mean"] - half, out["mean"] + half]}
+
+
 def band(runs: list[list[dict]], key: str) -> dict:
     """Mean and std over runs of ``key`` at the steps every run logged it."""
     per_run = [dict(series(rows, key)) for rows in runs]
@@ -108,6 +145,7 @@ def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
                  "initial_val_acc": dict(series(by_seed[k], "val/accuracy")).get(0),
                  "final_val_acc": final_value(by_seed[k], "val/accuracy"),
                  "final_entropy": final_value(by_seed[k], "entropy"),
+                 "val_auc": auc(by_seed[k]),
                  "last_step": max((int(r.get("step", 0)) for r in by_seed[k]), default=0),
                  "diagnostics": {key: step_mean(by_seed[k], key) for key, _ in DIAG_KEYS}}
                 for k in seeds]
@@ -116,6 +154,7 @@ def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
             "per_seed": per_seed,
             "final_val_acc": mean_std(pick("final_val_acc")),
             "final_entropy": mean_std(pick("final_entropy")),
+            "val_auc": mean_std(pick("val_auc")),
             "initial_val_acc": mean_std(pick("initial_val_acc")),
             "diagnostics": {key: mean_std([p["diagnostics"][key] for p in per_seed])["mean"]
                             for key, _ in DIAG_KEYS},
@@ -123,20 +162,32 @@ def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
                        for key, _ in CURVE_PANELS + DIAG_PANELS}}
 
 
+def paired(a: dict, b: dict) -> dict:
+    """``a - b`` paired by seed, for final held-out accuracy and validation AUC."""
+    out = {"label": a["label"], "group": a["group"], "baseline": f"{b['group']} {b['label']}"}
+    for key in ("final_val_acc", "val_auc"):
+        va = {p["seed"]: p[key] for p in a["per_seed"] if p[key] is not None}
+        vb = {p["seed"]: p[key] for p in b["per_seed"] if p[key] is not None}
+        seeds = sorted(set(va) & set(vb))
+        diffs = [va[k] - vb[k] for k in seeds]
+        out[key] = {"seeds": seeds, "diffs": diffs, **t_interval(diffs),
+                    "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+    return out
+
+
 def compare(summaries: list[dict]) -> list[dict]:
-    """ICPO minus GRPO final held-out accuracy per compared group, paired by seed (both
-    algorithms of a seed see the same prompts in the same order)."""
+    """Paired differences: ICPO - GRPO within each of :data:`COMPARED_GROUPS`, and every line of
+    the other groups (omega schedules, delta) minus :data:`BASELINE` (GRPO on clean rewards)."""
     out = []
-    for group in COMPARED_GROUPS:
-        lines = {s["algorithm"]: s for s in summaries if s["group"] == group}
-        if set(lines) != {"grpo", "icpo"}:
-            continue
-        acc = {a: {p["seed"]: p["final_val_acc"] for p in s["per_seed"] if p["final_val_acc"] is not None}
-               for a, s in lines.items()}
-        seeds = sorted(set(acc["grpo"]) & set(acc["icpo"]))
-        diffs = [acc["icpo"][k] - acc["grpo"][k] for k in seeds]
-        out.append({"group": group, "seeds": seeds, "diffs": diffs, **mean_std(diffs),
-                    "icpo_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)})
+    base = next((s for s in summaries if (s["group"], s["algorithm"]) == BASELINE), None)
+    for group in dict.fromkeys(s["group"] for s in summaries):
+        lines = [s for s in summaries if s["group"] == group]
+        if group in COMPARED_GROUPS:
+            by_algo = {s["algorithm"]: s for s in lines}
+            if set(by_algo) == {"grpo", "icpo"}:
+                out.append(paired(by_algo["icpo"], by_algo["grpo"]))
+        elif base is not None:
+            out += [paired(s, base) for s in lines]
     return out
 
 
@@ -147,29 +198,48 @@ def _pm(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+def _ci(stat: dict) -> str:
+    """``+1.2 [-0.3, +2.7]`` in points (no interval under two seeds)."""
+    if stat["mean"] is None:
+        return "n/a"
+    if stat["ci95"] is None:
+        return f"{100 * stat['mean']:+.1f}"
+    lo, hi = stat["ci95"]
+    return f"{100 * stat['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def _cell(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
 def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) -> str:
     """``results.md``: results table, ICPO - GRPO comparisons, diagnostics table, how to read it."""
-    lines = ["# Experiments: GRPO vs ICPO on the tiny model", "",
+    lines = ["# Experiments: GRPO vs ICPO", "",
              f"Mode `{meta.get('mode')}`, preset `{meta.get('preset')}`, seeds {meta.get('seeds')}"
              + (f", mode overrides `{' '.join(meta['mode_overrides'])}`" if meta.get("mode_overrides") else "")
-             + ". Mean ± sample std over seeds; *final* = the last step that logged the value.", "",
-             "## Results", "",
-             "| group | setting | algorithm | final held-out acc. | final entropy | initial acc. | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             + ". Mean ± sample std over seeds; *final* = the last step that logged the value; *AUC* = "
+             "mean held-out accuracy over the evaluated steps (trapezoids).", ""]
+    coarse = meta.get("coarse_data")
+    if coarse:
+        lines += [f"Coarse data (paper protocol): {coarse['model']} sampled G={coarse['group_size']} per "
+                  f"training prompt once; kept {coarse['kept']} of {coarse['source_lines']} prompts "
+                  f"({coarse['all_correct']} all correct, {coarse['all_wrong']} all wrong).", ""]
+    lines += ["## Results", "",
+             "| group | setting | algorithm | final held-out acc. | val. AUC | final entropy | initial acc. | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['group']} | {s['label']} | {s['algorithm'].upper()} | {_pm(s['final_val_acc'])} "
-                     f"| {_pm(s['final_entropy'])} | {_cell(s['initial_val_acc']['mean'])} "
+                     f"| {_pm(s['val_auc'])} | {_pm(s['final_entropy'])} | {_cell(s['initial_val_acc']['mean'])} "
                      f"| {s['final_val_acc']['n']} |")
     if comparisons:
-        lines += ["", "## ICPO - GRPO (final held-out accuracy, paired by seed)", "",
-                  "| group | difference (points) | ICPO better in | per seed |", "|---|---|---|---|"]
+        lines += ["", "## Paired differences (points; mean over seeds [95 % t-interval])", "",
+                  "| group | setting | minus | final acc. | better in | val. AUC | better in | final acc. per seed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
-            per = ", ".join(f"{d * 100:+.1f}" for d in c["diffs"])
-            lines.append(f"| {c['group']} | {_pm(c, 100, 1)} | {c['icpo_wins']}/{len(c['diffs'])} seeds | {per} |")
+            f, a = c["final_val_acc"], c["val_auc"]
+            per = ", ".join(f"{d * 100:+.1f}" for d in f["diffs"])
+            lines.append(f"| {c['group']} | {c['label']} | {c['baseline']} | {_ci(f)} | {f['wins']}/{f['n']} "
+                         f"| {_ci(a)} | {a['wins']}/{a['n']} | {per} |")
     cols = [(k, label) for k, label in DIAG_KEYS if any(s["diagnostics"][k] is not None for s in summaries)]
     if cols:
         lines += ["", "## Why: diagnostics (mean over training steps, then over seeds)", "",
@@ -187,6 +257,10 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
               "mean reward ICPO added, omega * min(S, |R|/tau), bounded by the reward itself.",
               "- *zero-std groups*: fraction of prompts whose G rewards are all equal. GRPO gets no "
               "gradient from those groups; ICPO can, through the confidence bonus, when |R| > 0."]
+    if any(k.startswith("premise/") for k, _ in cols):
+        lines.append("- *correct less conf.*: among within-group (correct, wrong) pairs, the fraction where "
+                     "the correct response is the less confident (ICPO's premise needs it well above 0); "
+                     "*bonus at cap*: fraction of responses whose bonus is clipped at |R|/tau.")
     if any(k == "coarse/kept_group_frac" for k, _ in cols):
         lines.append("- *kept groups*: coarse setting, fraction of prompts kept (all G rewards equal); "
                      "the bonus is not derivable from the logged means there (n/a).")

@@ -1,28 +1,34 @@
-"""The paper's comparisons in miniature, on the bundled tiny model and the arithmetic task.
+"""The paper's comparisons (Table 6 shaped) on a CPU: GRPO vs ICPO, paired seeds, 95 % CIs.
 
-Settings (each run with >= 3 seeds; a seed sets trainer.seed, data.seed and reward.noise_seed):
+By default on the two-route testbed (``icpo/tiny-routes``, docs/experiments.md), where ICPO's
+premise can hold; ``--task arithmetic`` runs the same plan on ``icpo/tiny``. Settings:
 
 - main:   GRPO vs ICPO with clean rewards
 - noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (SPEC.md)
-- coarse: GRPO vs ICPO on prompts whose G rewards are all equal (reward.coarse_filter=true)
+- coarse: GRPO vs ICPO trained on the paper's coarse data (App. B.1): the prompts whose G
+          base-model responses were all right or all wrong (``experiment_data.coarse_train_file``)
 - omega:  ICPO with each omega schedule (warmup_decay, warmup_retention, linear_decay, constant)
 - delta:  ICPO with delta in {0.3, 0.4, 0.5, 0.6}
 
-Runs whose effective configs are identical (ICPO clean = ICPO warmup_decay = ICPO with the
-preset's delta) are run once and shared. Each run is a subprocess of ``examples/train_icpo.py``
-(so its memory is returned), one after another; a run whose ``metrics.jsonl`` reaches the final
-step with the same config is skipped, so an interrupted invocation resumes where it stopped::
+A seed sets trainer.seed, data.seed and reward.noise_seed, so every method of a seed sees the
+same prompts in the same order and the same noise: comparisons are paired by seed, reported as
+mean differences with 95 % t-intervals (final held-out accuracy and area under the validation
+curve). Runs whose effective configs are identical (ICPO clean = ICPO warmup_decay = ICPO with
+the preset's delta) are run once and shared. Each run is a subprocess of
+``examples/train_icpo.py``, one after another; a finished run with the same config is skipped,
+so an interrupted invocation resumes where it stopped::
 
-    python examples/run_experiments.py                 # everything, 60 steps a run (< 2 h)
-    python examples/run_experiments.py --quick         # GRPO vs ICPO only, short runs (< 15 min)
-    python examples/run_experiments.py --only noisy,coarse --out outputs/exp
+    python examples/run_experiments.py                 # everything, 8 seeds (about 2 h)
+    python examples/run_experiments.py --quick         # GRPO vs ICPO, 2 seeds, short (minutes)
+    python examples/run_experiments.py --only noisy,coarse --seeds 4
     python examples/run_experiments.py --dry-run       # print the plan and the time estimate
     python examples/run_experiments.py --report-only   # rebuild the report from finished runs
 
-Writes under ``--out`` (default ``outputs/experiments``, ``outputs/experiments_quick`` with
-``--quick``): ``runs/<name>_seed<k>/`` (metrics,
-config, train.log), ``results.md``, ``results.json`` and ``plots/*.png`` (see
-``experiment_report.py`` next to this file).
+Runs go under ``--out`` (default ``outputs/experiments``, ``outputs/experiments_quick`` with
+``--quick``): ``data/``, ``runs/<name>_seed<k>/`` (metrics, config, train.log). The report --
+``results.md``, ``results.json``, ``plots/*.png`` (``experiment_report.py``) -- goes to
+``--results`` (default ``results/experiments`` in the repository for the full mode, the
+``--out`` folder for ``--quick``).
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import experiment_report as report  # noqa: E402  (sibling module; examples/ is not a package)
+import experiment_data as data  # noqa: E402  (sibling modules; examples/ is not a package)
+import experiment_report as report  # noqa: E402
 
 TRAIN_SCRIPT = HERE / "train_icpo.py"
-PRESET = HERE / "configs" / "tiny_cpu.yaml"
+PRESETS = {"routes": HERE / "configs" / "routes_cpu.yaml", "arithmetic": HERE / "configs" / "tiny_cpu.yaml"}
+PRESET = PRESETS["routes"]
+RESULTS_DIR = HERE.parent / "results" / "experiments"
 NOISE = ("reward.noise_fraction=0.4", "reward.noise_magnitude=0.3")
 SCHEDULES = ("warmup_decay", "warmup_retention", "linear_decay", "constant")
 DELTAS = (0.3, 0.4, 0.5, 0.6)
@@ -52,21 +61,25 @@ QUICK_GROUPS = ("main",)
 otherwise; the other groups need the full mode's steps to say anything."""
 
 MODE_OVERRIDES = {
-    "full": ("trainer.total_steps=60", "trainer.train_batch_size=32"),
-    "quick": ("trainer.total_steps=30", "trainer.train_batch_size=24",
-              "actor.ppo_mini_batch_size=24", "trainer.eval_every=5", "data.val_max_samples=100"),
+    "full": (),
+    "quick": ("trainer.total_steps=6", "trainer.train_batch_size=16", "actor.ppo_mini_batch_size=4",
+              "trainer.eval_every=3"),
 }
-"""Dotted overrides of each mode on top of the preset. Full: 60 steps of 32 prompts x 8 (one
-update each), a quarter of the main job's 120 steps of 64 prompts, so that 36 runs fit in 2 hours."""
-BUDGET_S = {"full": 2 * 3600, "quick": 15 * 60}
-TRAIN_SIZE, VAL_SIZE = 4000, 200
-"""Generated task sizes, as ``examples/train_icpo.py`` uses them."""
+"""Dotted overrides of each mode on top of the preset (the full mode is the preset itself)."""
+SEEDS = {"full": 8, "quick": 2}
+"""Default seeds per setting: >= 8 for results, 2 for the quick check."""
+BUDGET_S = {"full": 2 * 3600, "quick": 8 * 60}
+DATA_SIZES = {"full": (3000, 1000), "quick": (400, 100)}
+"""(train prompts, held-out prompts) per mode; the full run reads fewer than 3000 prompts per
+run (steps x batch) and evaluates on 1000 held-out prompts (greedy)."""
 
-# Cost model from the 2-core development machine (tiny preset, HF engine, fp32). Measured idle:
-# 1.35 s per step of 32 x 8 responses (5.3 ms each: generation, two scoring passes, update),
-# 0.4 s per greedy evaluation of 200 prompts, ~7 s of start-up and final save per process.
-# The constants add ~50 % for the load of a shared machine (steps of 5-8 s were seen under
-# heavy load). Runs report their real times and the printed ETA is rescaled by them.
+# Cost model (HF engine, fp32, per response of max_response_length 64, scaled by the length).
+# Anchor: the old tiny_cpu step (32 prompts x 8, one update) took 1.35 s on the idle 2-core
+# machine; interleaved with it on a loaded machine (A B A B, medians of 10 steps each), a step of
+# the routes preset (32 x 5, four updates, ~19-token responses) took 0.47x as long, so ~0.64 s
+# idle; a greedy evaluation of 1000 held-out prompts costs about two such steps. The constants
+# below predict 0.96 s and 3 s: about 50 % margin for a shared machine. The ETA printed while
+# running is rescaled by the measured run times.
 STARTUP_S = 8.0
 STEP_S_PER_RESPONSE = 0.008
 EVAL_S_PER_PROMPT = 0.004
@@ -80,6 +93,8 @@ class Setting:
     label: str
     slug: str
     overrides: tuple[str, ...]
+    coarse: bool = False
+    """Trains on the coarse data file instead of the full training file."""
 
     @property
     def algorithm(self) -> str:
@@ -89,12 +104,11 @@ class Setting:
 def all_settings() -> list[Setting]:
     """Every setting of every group, groups in :data:`GROUP_NAMES` order."""
     grpo, icpo = ("algorithm.name=grpo",), ("algorithm.name=icpo",)
-    coarse = ("reward.coarse_filter=true",)
     out = [Setting("main", "GRPO", "grpo_clean", grpo), Setting("main", "ICPO", "icpo_clean", icpo),
            Setting("noisy", "GRPO", "grpo_noisy", grpo + NOISE),
            Setting("noisy", "ICPO", "icpo_noisy", icpo + NOISE),
-           Setting("coarse", "GRPO", "grpo_coarse", grpo + coarse),
-           Setting("coarse", "ICPO", "icpo_coarse", icpo + coarse)]
+           Setting("coarse", "GRPO", "grpo_coarse", grpo, coarse=True),
+           Setting("coarse", "ICPO", "icpo_coarse", icpo, coarse=True)]
     out += [Setting("omega", f"ICPO {s}", f"icpo_omega_{s}", icpo + (f"algorithm.omega.schedule={s}",))
             for s in SCHEDULES]
     out += [Setting("delta", f"ICPO delta={d}", f"icpo_delta{d}", icpo + (f"algorithm.delta={d}",))
@@ -146,13 +160,14 @@ class Plan:
         return sum(r.estimate_s for r in self.runs)
 
 
-def estimate_run_seconds(cfg) -> float:
-    """Predicted wall time of one run of ``cfg`` on this machine (see the cost model above)."""
+def estimate_run_seconds(cfg, val_size: int | None = None) -> float:
+    """Predicted wall time of one run of ``cfg`` on this machine (see the cost model above);
+    ``val_size``: held-out prompts in the val file (default: the full mode's)."""
     t = cfg.trainer
     evals = 0
     if cfg.data.val_files and t.eval_every:
         evals = 1 + t.total_steps // t.eval_every + (1 if t.total_steps % t.eval_every else 0)
-    n_val = cfg.data.val_max_samples or VAL_SIZE
+    n_val = cfg.data.val_max_samples or val_size or DATA_SIZES["full"][1]
     length = cfg.rollout.max_response_length / 64
     return (STARTUP_S + t.total_steps * t.train_batch_size * cfg.rollout.n * length * STEP_S_PER_RESPONSE
             + evals * n_val * cfg.rollout.val_n * length * EVAL_S_PER_PROMPT)
@@ -166,12 +181,13 @@ def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[st
 
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
-    data = [f"data.train_files={json.dumps([str(data_files[0])])}",
-            f"data.val_files={json.dumps([str(data_files[1])])}"]
+    val = f"data.val_files={json.dumps([str(data_files[1])])}"
+    val_size = data.count_lines(data_files[1]) if data_files[1].is_file() else None
     by_key: dict[str, str] = {}
     plan = Plan([], {}, settings, list(seeds), list(mode_overrides), preset)
     for s in settings:
-        base = [*mode_overrides, *s.overrides, *data]
+        train = data.coarse_path(data_files[0]) if s.coarse else data_files[0]
+        base = [*mode_overrides, *s.overrides, f"data.train_files={json.dumps([str(train)])}", val]
         cfg = load_config(preset, base)
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key in by_key:
@@ -184,7 +200,7 @@ def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[st
             out = exp_dir / "runs" / f"{s.slug}_seed{k}"
             ov = [*base, f"trainer.seed={k}", f"data.seed={k}", f"reward.noise_seed={k}",
                   f"trainer.output_dir={out}", "trainer.progress_bar=false"]
-            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg)))
+            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg, val_size)))
     return plan
 
 
@@ -202,20 +218,6 @@ def run_finished(run: Run, preset: Path = PRESET) -> bool:
     except ValueError:
         return False
     return same and any(r.get("step") == run.total_steps for r in rows)
-
-
-def ensure_data(exp_dir: Path, train_size: int | None = None, val_size: int | None = None) -> tuple[Path, Path]:
-    """Generate the arithmetic task once for all runs (same splits as ``train_icpo.py``;
-    sizes default to :data:`TRAIN_SIZE` / :data:`VAL_SIZE`)."""
-    from icpo.tasks.arithmetic import make_records, write_jsonl
-
-    train_size, val_size = train_size or TRAIN_SIZE, val_size or VAL_SIZE
-    folder = exp_dir / "data"
-    paths = folder / "train.jsonl", folder / "val.jsonl"
-    for path, split, n in ((paths[0], "train", train_size), (paths[1], "val", val_size)):
-        if not path.is_file() or sum(1 for _ in path.open()) != n:
-            write_jsonl(make_records(split, n), path)
-    return paths
 
 
 def fmt_s(seconds: float) -> str:
@@ -285,31 +287,57 @@ def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs of the main comparison (< 15 min)")
+    p.add_argument("--quick", action="store_true", help="short runs of the main comparison (minutes)")
     p.add_argument("--only", help=f"comma-separated groups {','.join(GROUP_NAMES)} or setting names")
+    p.add_argument("--task", default="routes", choices=data.TASKS,
+                   help="routes: the two-route testbed (default); arithmetic: icpo/tiny's task")
     p.add_argument("--out", default=None,
                    help="experiment folder (default outputs/experiments, --quick: outputs/experiments_quick)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (1..N; >= 3 for results)")
-    p.add_argument("--config", default=str(PRESET), help="preset YAML (default: the tiny CPU preset)")
+    p.add_argument("--results", default=None,
+                   help="report folder (default results/experiments; --quick: the --out folder)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 8; --quick: 2)")
+    p.add_argument("--config", default=None, help="preset YAML (default: the task's CPU preset)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra dotted overrides for every run (after the mode's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     args = p.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    args.seeds = SEEDS[mode] if args.seeds is None else args.seeds
     if args.seeds < 1:
         p.error(f"--seeds: expected an int >= 1, got {args.seeds}")
     return args
+
+
+def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run]) -> dict | None:
+    """Writes the coarse data when a planned run needs it; returns its stats (None if unused)."""
+    if not any(s.coarse for s in plan.settings):
+        return None
+    from icpo.config import load_config
+
+    path = data.coarse_path(data_files[0])
+    if todo or not path.is_file():
+        cfg = load_config(plan.preset, plan.mode_overrides)
+        t0 = time.perf_counter()
+        print(f"coarse data: {cfg.model.path} samples G={cfg.rollout.n} per training prompt ...", end=" ", flush=True)
+        made = data.coarse_train_file(data_files[0], cfg.model.path, cfg.rollout.n, cfg.rollout.max_response_length)
+        if made != path:
+            raise RuntimeError(f"coarse data written to {made}, planned at {path}")
+        print(f"done in {fmt_s(time.perf_counter() - t0)}", flush=True)
+    stats = path.with_suffix(".json")
+    return json.loads(stats.read_text()) if stats.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
     exp_dir = Path(args.out or ("outputs/experiments_quick" if args.quick else "outputs/experiments")).resolve()
-    preset = Path(args.config).resolve()
+    results_dir = Path(args.results).resolve() if args.results else (exp_dir if args.quick else RESULTS_DIR)
+    preset = Path(args.config or PRESETS[args.task]).resolve()
     try:
         settings = select_settings(args.only, args.quick)
-        data_files = ensure_data(exp_dir)
+        data_files = data.ensure_data(exp_dir, args.task, *DATA_SIZES[mode])
         plan = make_plan(settings, list(range(1, args.seeds + 1)), [*MODE_OVERRIDES[mode], *args.set],
                          exp_dir, data_files, preset)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
@@ -317,24 +345,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     todo = [] if args.report_only else [r for r in plan.runs if not run_finished(r, preset)]
     print_plan(plan, mode, todo)
-    if args.seeds < 3:
-        print(f"note: {args.seeds} seed(s); the experiments call for at least 3")
+    if args.seeds < SEEDS["full"]:
+        print(f"note: {args.seeds} seed(s); the experiments call for at least {SEEDS['full']}")
     if args.dry_run:
         return 0
     t0 = time.perf_counter()
+    coarse = None if args.report_only else prepare_coarse(plan, data_files, todo)
     failures = run_all(plan, todo, args.keep_checkpoints)
-    meta = {"mode": mode, "preset": str(preset), "mode_overrides": plan.mode_overrides,
-            "seeds": plan.seeds, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+    meta = {"mode": mode, "task": args.task, "preset": str(preset), "mode_overrides": plan.mode_overrides,
+            "seeds": plan.seeds, "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
+            "coarse_data": coarse, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
             "shared_runs": plan.shared}
     rows = [{"group": s.group, "label": s.label, "slug": s.slug, "algorithm": s.algorithm,
              "overrides": list(s.overrides), "run": plan.run_of[s.slug],
              "runs": [{"seed": k, "dir": str(exp_dir / "runs" / f"{plan.run_of[s.slug]}_seed{k}")}
                       for k in plan.seeds]}
             for s in settings]
-    written = report.write_report(exp_dir, rows, meta)
+    written = report.write_report(results_dir, rows, meta)
     print(f"wall time: {fmt_s(meta['wall_s_this_invocation'])}")
     print("\n".join(f"wrote {p}" for p in written))
-    print((exp_dir / "results.md").read_text().split("\n## ")[1].split("\n", 1)[1])
+    print((results_dir / "results.md").read_text().split("\n## ")[1].split("\n", 1)[1])
     if failures:
         print(f"{len(failures)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
         return 1

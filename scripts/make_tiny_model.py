@@ -119,15 +119,17 @@ def prompt_ids(tokenizer, expr: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def sft_batch(tokenizer, exprs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, exprs: list[str], responses: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [B, L]`` and ``labels [B, L]`` (-100 outside response + EOS).
 
-    Right padding needs no attention mask under causal attention: pads only follow real tokens.
+    ``responses`` (one per expression) default to the gold responses. Right padding needs no
+    attention mask under causal attention: pads only follow real tokens.
     """
     seqs, masks = [], []
-    for expr in exprs:
+    for i, expr in enumerate(exprs):
         p = prompt_ids(tokenizer, expr)
-        r = tokenizer(gold_response(expr), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        text = gold_response(expr) if responses is None else responses[i]
+        r = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(p + r)
         masks.append([False] * len(p) + [True] * len(r))
     width = max(map(len, seqs))

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import experiment_data as xd  # noqa: E402
 import experiment_report as rep  # noqa: E402
 import run_experiments as rx  # noqa: E402
 
@@ -43,7 +44,7 @@ def test_settings_cover_the_paper_experiments():
     for g in ("main", "noisy", "coarse"):
         assert sorted(x.algorithm for x in by_group[g]) == ["grpo", "icpo"]
     assert all("reward.noise_fraction=0.4" in x.overrides for x in by_group["noisy"])
-    assert all("reward.coarse_filter=true" in x.overrides for x in by_group["coarse"])
+    assert all(x.coarse for x in by_group["coarse"]) and not any(x.coarse for x in s if x.group != "coarse")
     assert sorted(o for x in by_group["omega"] for o in x.overrides if "schedule" in o) == sorted(
         f"algorithm.omega.schedule={k}" for k in ("warmup_decay", "warmup_retention", "linear_decay", "constant"))
     assert [x.overrides[-1] for x in by_group["delta"]] == [f"algorithm.delta={d}" for d in (0.3, 0.4, 0.5, 0.6)]
@@ -74,7 +75,7 @@ def test_runs_vary_seeds_and_resolve_to_the_setting(tmp_path):
         cfg = load_config(preset, r.overrides)
         assert cfg.trainer.seed == cfg.data.seed == cfg.reward.noise_seed == r.seed
         assert Path(cfg.trainer.output_dir) == r.out_dir and r.out_dir.name == f"{r.name}_seed{r.seed}"
-        assert cfg.trainer.total_steps == r.total_steps == 30  # the quick mode's override wins
+        assert cfg.trainer.total_steps == r.total_steps == 6  # the quick mode's override wins
         assert cfg.data.train_files == [str(tmp_path / "data" / "train.jsonl")]
         assert cfg.trainer.progress_bar is False
     g, i = (load_config(preset, plan.runs[k].overrides) for k in (0, 2))
@@ -110,9 +111,10 @@ def test_estimates_grow_with_the_work(tmp_path):
 @pytest.mark.parametrize("mode", ["quick", "full"])
 def test_the_real_preset_fits_the_mode_budget(tmp_path, mode):
     """Guards the preset: a longer preset must come with a smaller plan (or a new budget)."""
+    seeds = rx.SEEDS[mode]
     plan = _plan(tmp_path, rx.PRESET, rx.select_settings(None, quick=mode == "quick"),
-                 mode=rx.MODE_OVERRIDES[mode])
-    assert all(len([r for r in plan.runs if r.name == n]) == 3 for n in {r.name for r in plan.runs})
+                 seeds=range(1, seeds + 1), mode=rx.MODE_OVERRIDES[mode])
+    assert all(len([r for r in plan.runs if r.name == n]) == seeds for n in {r.name for r in plan.runs})
     assert plan.estimate_s <= rx.BUDGET_S[mode]
 
 
@@ -162,19 +164,47 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert i["curves"]["val/accuracy"]["steps"] == [0, 2, 4]
     (cmp,) = res["comparisons"]
     diffs = [icpo_acc[k] - grpo_acc[k] for k in (1, 2, 3)]
-    assert cmp["diffs"] == pytest.approx(diffs) and cmp["icpo_wins"] == 2
-    assert cmp["mean"] == pytest.approx(statistics.fmean(diffs))
+    f = cmp["final_val_acc"]
+    assert f["diffs"] == pytest.approx(diffs) and f["wins"] == 2 and f["seeds"] == [1, 2, 3]
+    assert f["mean"] == pytest.approx(statistics.fmean(diffs))
+    half = 4.303 * statistics.stdev(diffs) / 3 ** 0.5  # t(0.975, df=2)
+    assert f["ci95"] == pytest.approx([f["mean"] - half, f["mean"] + half], abs=1e-6)
+    # AUC of (0, 0.3), (2, 0.35), (4, acc) by trapezoids over a span of 4 steps: (1.0 + acc) / 4.
+    assert i["val_auc"]["mean"] == pytest.approx(statistics.fmean((1.0 + a) / 4 for a in icpo_acc.values()))
+    assert cmp["val_auc"]["diffs"] == pytest.approx([d / 4 for d in diffs])
 
     md = (exp / "results.md").read_text()
     mean, std = statistics.fmean(icpo_acc.values()), statistics.stdev(icpo_acc.values())
-    assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | 0.520 ± 0.010 | 0.300 | 3 |" in md
-    assert f"| main | {100 * cmp['mean']:.1f} ± {100 * cmp['std']:.1f} | 2/3 seeds |" in md
+    assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | " in md and " | 0.520 ± 0.010 | 0.300 | 3 |" in md
+    lo, hi = f["ci95"]
+    assert f"| main | ICPO | main GRPO | {100 * f['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | 2/3 |" in md
     assert "coarse" not in md.split("## Why")[1].split("How to read")[0]  # no coarse column/rows
     pngs = [p for p in written if p.suffix == ".png"]
     assert {p.name for p in pngs} == {"main.png", "diagnostics_main.png"}
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
     leftovers = [p.name for p in exp.rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_ablations_are_paired_with_clean_grpo(tmp_path):
+    exp = tmp_path / "exp"
+    settings = [_setting("main", "GRPO", "grpo", {k: exp / f"g{k}" for k in (1, 2)}),
+                _setting("omega", "ICPO constant", "icpo", {k: exp / f"o{k}" for k in (1, 2)})]
+    for k in (1, 2):
+        _write_run(exp / f"g{k}", 2, [0.3, 0.4], [0.5, 0.5])
+        _write_run(exp / f"o{k}", 2, [0.3, 0.4 + k / 10], [0.5, 0.5])
+    rep.write_report(exp, settings, {"mode": "test", "seeds": [1, 2]})
+    (cmp,) = json.loads((exp / "results.json").read_text())["comparisons"]
+    assert (cmp["group"], cmp["label"], cmp["baseline"]) == ("omega", "ICPO constant", "main GRPO")
+    assert cmp["final_val_acc"]["diffs"] == pytest.approx([0.1, 0.2])
+
+
+def test_t_interval():
+    assert rep.t_interval([1.0, 2.0, 3.0])["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
+    assert rep.t_interval([5.0])["ci95"] is None and rep.t_interval([5.0])["mean"] == 5.0
+    wide = rep.t_interval([float(x % 2) for x in range(40)])  # df 39 > 30: the normal quantile
+    assert wide["ci95"][1] - wide["mean"] == pytest.approx(1.96 * wide["std"] / 40 ** 0.5)
+    assert rep.auc([{"step": 0, "v": 0.0}, {"step": 2, "v": 1.0}, {"step": 4, "v": 1.0}], "v") == pytest.approx(0.75)
 
 
 def test_series_and_band_edge_cases(tmp_path):
@@ -214,16 +244,49 @@ def test_run_finished_needs_last_step_and_same_config(tmp_path):
 
 
 def test_report_only_cli_reads_finished_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rx, "TRAIN_SIZE", 16)
-    monkeypatch.setattr(rx, "VAL_SIZE", 4)
-    preset, exp = _preset(tmp_path), tmp_path / "exp"
+    monkeypatch.setitem(rx.DATA_SIZES, "full", (16, 4))
+    preset, exp, res = _preset(tmp_path), tmp_path / "exp", tmp_path / "res"
     for name in ("grpo_clean", "icpo_clean"):
         for k in (1, 2):
             _write_run(exp / "runs" / f"{name}_seed{k}", 4, [0.3, 0.3, 0.3 + k / 10], [0.5] * 4)
-    code = rx.main(["--report-only", "--only", "main", "--seeds", "2", "--out", str(exp), "--config", str(preset)])
+    code = rx.main(["--report-only", "--only", "main", "--seeds", "2", "--out", str(exp), "--config", str(preset),
+                    "--results", str(res)])
     assert code == 0
     assert sum(1 for _ in (exp / "data" / "train.jsonl").open()) == 16
-    md = (exp / "results.md").read_text()
-    assert "| main | GRPO | GRPO | 0.450 ± 0.071 | 0.500 ± 0.000 | 0.300 | 2 |" in md
-    assert "| main | 0.0 ± 0.0 | 0/2 seeds |" in md
+    assert not (exp / "results.md").exists()
+    md = (res / "results.md").read_text()
+    aucs = [(0.6 + 0.6 + k / 10) / 4 for k in (1, 2)]  # (0, .3), (2, .3), (4, .3 + k/10): trapezoids
+    got = json.loads((res / "results.json").read_text())["settings"][0]["val_auc"]
+    assert got["mean"] == pytest.approx(statistics.fmean(aucs)) and got["std"] == pytest.approx(statistics.stdev(aucs))
+    auc = f"{got['mean']:.3f} ± {got['std']:.3f}"  # 0.3375 rounds either way in binary
+    assert f"| main | GRPO | GRPO | 0.450 ± 0.071 | {auc} | 0.500 ± 0.000 | 0.300 | 2 |" in md
+    assert "| main | ICPO | main GRPO | +0.0 [+0.0, +0.0] | 0/2 | +0.0 [+0.0, +0.0] | 0/2 | +0.0, +0.0 |" in md
     assert "0.450 ± 0.071" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- data
+def test_coarse_data_keeps_uniform_prompts_once(tmp_path, monkeypatch):
+    """The paper's protocol: one pass of the base model, keep the prompts whose G samples are all
+    right or all wrong; a second call with the same inputs reuses the file."""
+    import icpo.tasks.probe as probe
+
+    train, _ = xd.ensure_data(tmp_path, "routes", 12, 2)
+    graded = {}
+    real = probe.sample_graded
+
+    def spy(model, tok, records, g, seed, max_new_tokens):
+        graded["g"] = real(model, tok, records, g, seed, max_new_tokens)
+        return graded["g"]
+
+    monkeypatch.setattr(probe, "sample_graded", spy)
+    out = xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40)
+    source = [json.loads(x) for x in train.open()]
+    kept = [json.loads(x) for x in out.open()]
+    ok = graded["g"].correct
+    uniform = [r for i, r in enumerate(source) if len(set(ok[3 * i:3 * i + 3])) == 1]
+    assert kept == uniform and 0 < len(kept) < len(source)
+    stats = json.loads(out.with_suffix(".json").read_text())
+    assert stats["kept"] == len(kept) and stats["all_correct"] + stats["all_wrong"] == len(kept)
+    assert stats["all_correct"] == sum(all(ok[3 * i:3 * i + 3]) for i in range(len(source)))
+    monkeypatch.setattr(probe, "sample_graded", lambda *a, **k: pytest.fail("sampled again"))
+    assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40) == out

@@ -2,7 +2,8 @@
 
 ``icpo/tiny`` is a ~0.9M-parameter ``LlamaForCausalLM`` with its tokenizer, pretrained (SFT) by
 ``scripts/make_tiny_model.py`` on :mod:`icpo.tasks.arithmetic` in the Table 5 (R1) template until
-it is partly right, so that RL has room to improve it on a CPU. It ships inside the package
+it is partly right, so that RL has room to improve it on a CPU. ``icpo/tiny-routes`` is the
+testbed where ICPO's premise can hold (:mod:`icpo.tasks.routes`). It ships inside the package
 (``icpo/models/tiny/``) and loads offline with ``from_pretrained(resolve_model_path("icpo/tiny"))``.
 """
 
@@ -13,8 +14,11 @@ from pathlib import Path
 
 TINY_MODEL = "icpo/tiny"
 """Hub-style id of the bundled tiny model (see :func:`resolve_model_path`)."""
+TINY_ROUTES_MODEL = "icpo/tiny-routes"
+"""The testbed model: ``icpo/tiny`` further trained on the two-route task of
+:mod:`icpo.tasks.routes` by ``scripts/make_routes_model.py`` (see docs/experiments.md)."""
 
-_BUNDLED = {TINY_MODEL: "tiny"}
+_BUNDLED = {TINY_MODEL: "tiny", TINY_ROUTES_MODEL: "tiny_routes"}
 
 
 def bundled_model_dir(name: str = TINY_MODEL) -> Path:
@@ -34,4 +38,4 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     return text
 
 
-__all__ = ["TINY_MODEL", "bundled_model_dir", "resolve_model_path"]
+__all__ = ["TINY_MODEL", "TINY_ROUTES_MODEL", "bundled_model_dir", "resolve_model_path"]
