@@ -18,6 +18,14 @@
 # (c10::detail::_str_wrapper, used by TORCH_CHECK messages), which tools/check_cpu_isa.py reports;
 # tests/test_cpu_dispatch.py runs that check on every build.
 
+# Build folders configured before the per-ISA layout cached ICPO_NATIVE=ON as the old default;
+# that entry still carries the old option's help text (a user's -D has another), so drop it.
+if(DEFINED CACHE{ICPO_NATIVE})
+  get_property(_icpo_native_help CACHE ICPO_NATIVE PROPERTY HELPSTRING)
+  if(_icpo_native_help STREQUAL "Compile CPU kernels with -march=native")
+    unset(ICPO_NATIVE CACHE)
+  endif()
+endif()
 option(ICPO_NATIVE "Compile the CPU kernels for this machine only (-march=native), not per ISA" OFF)
 
 file(GLOB ICPO_CPU_KERNEL_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/*.cpp")
