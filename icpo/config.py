@@ -207,6 +207,11 @@ class TrainerConfig:
     """Show a progress bar on the console."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" = CUDA when available, else CPU."""
+    num_threads: int | None = None
+    """torch intra-op CPU threads; None = OMP_NUM_THREADS if set, else a quarter of this
+    process's share of the cores, at least 1 (see docs/install.md, "Threads")."""
+    save_on_interrupt: bool = True
+    """On Ctrl-C, write a checkpoint of the last finished step before exiting (code 130)."""
 
 
 @dataclass
@@ -409,6 +414,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "actor.max_tokens_per_micro_batch": _GE1, "actor.grad_clip": _NONNEG,
     "trainer.total_steps": _GE1, "trainer.train_batch_size": _GE1, "trainer.save_every": _NONNEG,
     "trainer.eval_every": _NONNEG, "trainer.log_every": _GE1,
+    "trainer.num_threads": _GE1,
 }
 
 

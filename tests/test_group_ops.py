@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
 from icpo.ops import grpo_advantages, icpo_advantages, preference_scores, reference
 
 HAS_CUDA = torch.cuda.is_available()

@@ -1,8 +1,13 @@
 """icpo's compiled ops: typed wrappers with input validation, fake kernels and autograd.
 
 Each public op here has a pure-PyTorch twin in :mod:`icpo.ops.reference` with the same
-arguments; tests and benchmarks compare the two.
+arguments; tests and benchmarks compare the two. Importing this package loads the compiled
+extension ``icpo._C``, which registers the ``torch.ops.icpo.*`` operators.
 """
+
+import torch  # noqa: F401  (loads libtorch before our extension links against it)
+
+from icpo import _C  # noqa: F401  (registers torch.ops.icpo.*)
 
 from icpo.ops import reference
 from icpo.ops.groups import ICPOAdvantages, grpo_advantages, icpo_advantages, preference_scores
