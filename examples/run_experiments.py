@@ -3,7 +3,7 @@
 Settings (each run with >= 3 seeds; a seed sets trainer.seed, data.seed and reward.noise_seed):
 
 - main:   GRPO vs ICPO with clean rewards
-- noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (SPEC.md)
+- noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (docs/algorithm.md)
 - coarse: GRPO vs ICPO on prompts whose G rewards are all equal (reward.coarse_filter=true)
 - omega:  ICPO with each omega schedule (warmup_decay, warmup_retention, linear_decay, constant)
 - delta:  ICPO with delta in {0.3, 0.4, 0.5, 0.6}

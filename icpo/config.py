@@ -117,7 +117,7 @@ class RewardConfig:
 @dataclass
 class OmegaConfig:
     schedule: Literal["warmup_decay", "warmup_retention", "linear_decay", "constant"] = "warmup_decay"
-    """Schedule of the preference-score weight omega (SPEC "omega schedule")."""
+    """Schedule of the preference-score weight omega (docs/algorithm.md, "omega over training")."""
     omega_max: float = 1.0
     """Peak omega."""
     omega_min: float = 0.0
@@ -143,7 +143,7 @@ class AlgorithmConfig:
     eps: float = 1e-6
     """Added to the group std before dividing."""
     confidence: Literal["mean_logprob", "log_mean_prob"] = "mean_logprob"
-    """Confidence c_i: mean token log-prob (SPEC default) or log of the mean token prob."""
+    """Confidence c_i: mean token log-prob or log of mean token prob (docs/algorithm.md step 3)."""
 
 
 @dataclass

@@ -21,7 +21,8 @@ from icpo.data import (
     load_records,
 )
 
-PAPER = pathlib.Path("/work/shared/paper/icpo-2511.21005.md")
+# The paper as Markdown, if you have it (not part of the repository): ICPO_PAPER_MD=path.
+PAPER = pathlib.Path(os.environ.get("ICPO_PAPER_MD", "/nonexistent/icpo-2511.21005.md"))
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _LOCK = threading.Lock()

@@ -1,4 +1,4 @@
-"""The paper's noisy-reward and coarse-grained-reward settings (Sec. 4.3, App. B.1; SPEC).
+"""The paper's noisy-reward and coarse-grained-reward settings (Sec. 4.3, App. B.1; algorithm.md).
 
 Noisy: at every step, exactly ``round(fraction * N)`` of the N responses, chosen uniformly at
 random, get ``+magnitude`` or ``-magnitude`` (random sign, each with probability 1/2) added to
