@@ -1,6 +1,7 @@
 """icpo.data: verl-schema loading, Table 5 template, tokenized dataset, resumable sampler."""
 
 import json
+import os
 import pathlib
 import threading
 
