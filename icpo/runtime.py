@@ -34,15 +34,12 @@ def _opted_out() -> bool:
 
 def set_thread_env_defaults() -> None:
     """Make OpenMP threads sleep instead of spinning while they wait for work, unless the user
-    chose a policy. Must run before torch (and its OpenMP runtime) is loaded: a warning names
-    the problem when torch is already imported, since the setting then has no effect."""
-    if _opted_out() or "OMP_WAIT_POLICY" in os.environ:
+    chose a policy. Does nothing once torch is imported: its OpenMP runtime has read the
+    environment already, and the variable would only leak into child processes (a program
+    that imports torch first sets OMP_WAIT_POLICY in its own environment)."""
+    if _opted_out() or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    if "torch" in sys.modules:
-        print("icpo: warning: torch was imported before icpo.runtime.set_thread_env_defaults(); "
-              "OMP_WAIT_POLICY=PASSIVE only applies to processes started after this point",
-              file=sys.stderr)
 
 
 def usable_cores() -> int:

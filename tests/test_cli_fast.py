@@ -95,6 +95,12 @@ def test_wait_policy_default_respects_the_user(env, policy):
     assert proc.stdout.strip() == str(policy), proc.stderr
 
 
+def test_wait_policy_left_alone_once_torch_is_loaded():
+    proc = python("import os, torch\nfrom icpo.runtime import set_thread_env_defaults\n"
+                  "set_thread_env_defaults()\nprint(os.environ.get('OMP_WAIT_POLICY'))")
+    assert proc.stdout.strip() == "None", proc.stderr
+
+
 def test_apply_num_threads(one_thread):
     import torch
 
