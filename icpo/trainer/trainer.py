@@ -408,7 +408,9 @@ class Trainer:
         else:
             if self._step_start_sampler is not None:  # abandoned step: rewind its prompts
                 self.sampler.load_state_dict(self._step_start_sampler)
-            saved = str(self.save())
+            latest = ckpt.find_checkpoint("auto", self.output_dir)
+            same = latest is not None and latest.name == f"step_{self.step:06d}"
+            saved = str(latest if same else self.save())  # this very state is saved already
         latest = ckpt.find_checkpoint("auto", self.output_dir)
         if saved:
             msg = f"icpo: interrupted after {where}; saved {saved}"
