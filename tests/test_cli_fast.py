@@ -115,3 +115,19 @@ def test_make_arithmetic_writes_the_tiny_task(tmp_path):
     val = [json.loads(ln) for ln in (tmp_path / "val.jsonl").read_text().splitlines()]
     assert train == make_records("train", 6) and val == make_records("val", 3)
     assert not (tmp_path / "test.jsonl").exists()
+
+
+def test_generate_reports_progress_per_batch(tiny_random_model_dir, one_thread):
+    """``icpo eval``'s progress bar advances by each ``generate`` batch, to the prompt count."""
+    from transformers import AutoModelForCausalLM
+
+    from icpo.rollout import SamplingParams
+    from icpo.rollout.hf import HFRolloutEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir)
+    engine = HFRolloutEngine(model, pad_token_id=0, eos_token_id=1, batch_size=2)
+    done: list[int] = []
+    engine.on_batch = done.append
+    out = engine.generate([[5, 6], [7], [8, 9, 10], [11], [12]],
+                          SamplingParams(n=2, temperature=0.0, max_new_tokens=3))
+    assert done == [2, 2, 1] and len(out.response_ids) == 10
