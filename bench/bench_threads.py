@@ -21,7 +21,7 @@ Runs are interleaved (for each repeat, each situation, every mode in turn) so th
 the machine's load hits every mode alike. The machine should otherwise be idle.
 
     python bench/bench_threads.py                 # N = 10, all modes: ~30 min on 2 idle cores
-    python bench/bench_threads.py --steps 3 --modes old default   # a quick check, ~8 min
+    python bench/bench_threads.py --steps 3 --modes old default   # a quick check, ~7 min
 
 Writes ``bench/results/threads.json`` (or ``--out``).
 """
@@ -108,6 +108,25 @@ def run(mode: str, situation: str, steps: int, work: Path) -> list[float]:
             busy.wait()
 
 
+def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Per mode: median step seconds alone, busy / alone, pair / alone (each copy and the
+    worst), and, when "old" was run, old's median time over this mode's in each situation."""
+    results = {}
+    for mode, t in times.items():
+        alone = statistics.median(t["alone"])
+        results[mode] = {
+            "env": MODES[mode], "step_seconds": t, "alone_s": alone,
+            "busy_ratio": statistics.median(t["busy"]) / alone,
+            "pair_ratio_each": [x / alone for x in t["pair"]],
+            "pair_ratio_max": max(t["pair"]) / alone,
+        }
+        if "old" in times and mode != "old":
+            results[mode]["old_over_this"] = {
+                s: round(statistics.median(times["old"][s]) / statistics.median(t[s]), 2)
+                for s in SITUATIONS}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="steps of the main job per run (default 10)")
@@ -131,20 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                     times[mode][situation].extend(secs)
                     print(f"  [{rep + 1}/{args.repeats}] {mode:8s} {situation:5s} "
                           + " ".join(f"{s:7.1f} s" for s in secs), flush=True)
-    results = {}
-    for mode in args.modes:
-        alone = statistics.median(times[mode]["alone"])
-        results[mode] = {
-            "env": MODES[mode],
-            "step_seconds": times[mode],
-            "alone_s": alone,
-            "busy_ratio": statistics.median(times[mode]["busy"]) / alone,
-            "pair_ratio_each": [t / alone for t in times[mode]["pair"]],
-            "pair_ratio_max": max(times[mode]["pair"]) / alone,
-        }
-        r = results[mode]
-        print(f"{mode:8s} alone {alone:7.1f} s   busy/alone {r['busy_ratio']:.2f} (target <= 1.5)   "
-              f"pair/alone {r['pair_ratio_max']:.2f} worst of two (target <= 2.5)")
+    results = summarize(times)
+    for mode, r in results.items():
+        print(f"{mode:8s} alone {r['alone_s']:7.1f} s   busy/alone {r['busy_ratio']:.2f} (target <= 1.5)"
+              f"   pair/alone {r['pair_ratio_max']:.2f} worst of two (target <= 2.5)"
+              + (f"   old/this: {r['old_over_this']}" if "old_over_this" in r else ""))
     payload = {"benchmark": "threads", "steps": args.steps, "repeats": args.repeats,
                "command": "python bench/bench_threads.py " + " ".join(argv or sys.argv[1:]),
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
