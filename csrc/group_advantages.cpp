@@ -1,12 +1,12 @@
-// Group ops on CPU: preference scores (SPEC step 5, Eq. 9), ICPO advantages (steps 4-7 fused:
-// sort, scores, clip, fuse, normalize; Eq. 9, 11, 5) and GRPO advantages (Eq. 5).
+// Group ops on CPU: preference scores (docs/algorithm.md step 5, Eq. 9), ICPO advantages
+// (steps 4-7 fused: sort, scores, clip, fuse, normalize; Eq. 9, 11, 5) and GRPO advantages (Eq. 5).
 //
 // Contract shared with the CUDA kernels and the fake kernels in icpo/ops/groups.py:
 // confidence and rewards are 1-D, of one float dtype (f32, f64, f16, bf16), computed in opmath
 // (f32, or f64 for f64; the group statistics of Eq. 5 always in f64) and returned in that dtype;
 // a group of equal values gets advantage exactly 0; group_offsets is int64 [G+1] in the
 // cu_seqlens convention. One task per group, parallel over groups. None of these ops is
-// differentiable: confidence and rewards are reward inputs (SPEC step 3).
+// differentiable: confidence and rewards are reward inputs (docs/algorithm.md step 3).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -68,7 +68,7 @@ struct Scratch {
   }
 };
 
-// Sorts a group's clamped confidences ascending, ties by position (SPEC step 4). Returns false if
+// Sorts a group's clamped confidences ascending, ties by position (step 4). Returns false if
 // a confidence is NaN: no order exists, and the caller fills the group with NaN.
 template <typename scalar_t, typename acc_t>
 bool rank_group(const scalar_t* conf, int64_t n, Ranked<acc_t>* ranked) {

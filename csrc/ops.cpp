@@ -28,9 +28,9 @@ TORCH_LIBRARY(icpo, m) {
   m.def("segment_mean(Tensor values, Tensor cu_seqlens) -> Tensor");
   // grad [B] -> [T]: grad[b] / len_b on every position of segment b.
   m.def("segment_mean_bwd(Tensor grad, Tensor cu_seqlens, SymInt total) -> Tensor");
-  // confidence [N] (<= 0), group_offsets int64 [G+1] -> S [N] (SPEC step 5, Eq. 9).
+  // confidence [N] (<= 0), group_offsets int64 [G+1] -> S [N] (docs/algorithm.md step 5, Eq. 9).
   m.def("preference_scores(Tensor confidence, Tensor group_offsets, float delta) -> Tensor");
-  // SPEC steps 4-7 fused: -> (scores [N], final rewards [N], advantages [N]).
+  // docs/algorithm.md steps 4-7 fused: -> (scores [N], final rewards [N], advantages [N]).
   m.def("icpo_advantages(Tensor confidence, Tensor rewards, Tensor group_offsets, float delta,"
         " float tau, float omega, bool scale, bool unbiased, float eps) -> (Tensor, Tensor, Tensor)");
   // Group-normalized advantages of rewards [N] (Eq. 5); a group of one gets 0.

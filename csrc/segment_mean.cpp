@@ -1,4 +1,4 @@
-// segment_mean / segment_mean_bwd on CPU: per-segment means of a packed [T] tensor (SPEC step 3,
+// segment_mean / segment_mean_bwd on CPU: per-segment means of a packed [T] tensor (step 3,
 // the length-normalized confidence of Eq. 7) and their gradient. Segments are given by
 // cu_seqlens [B+1] (int32 or int64) in the flash-attention varlen convention. These wrappers check
 // and allocate; the loops are in csrc/cpu/segment_mean_kernel.cpp, built per instruction set.

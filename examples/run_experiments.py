@@ -4,7 +4,7 @@ By default on the two-route testbed (``icpo/tiny-routes``, docs/experiments.md),
 premise can hold; ``--task arithmetic`` runs the same plan on ``icpo/tiny``. Settings:
 
 - main:   GRPO vs ICPO with clean rewards
-- noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (SPEC.md)
+- noisy:  GRPO vs ICPO with 40 % of the rewards shifted by +-0.3 (docs/algorithm.md)
 - coarse: GRPO vs ICPO trained on the paper's coarse data (App. B.1): the prompts whose G
           base-model responses were all right or all wrong (``experiment_data.coarse_train_file``)
 - omega:  ICPO with each omega schedule (warmup_decay, warmup_retention, linear_decay, constant)

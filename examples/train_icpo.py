@@ -13,7 +13,8 @@ On GPU nodes, give a config (and dotted overrides) and launch one process per GP
     deepspeed --hostfile hosts.txt examples/train_icpo.py --config my.yaml   # multi-node
 
 Add ``--resume`` to continue from the newest checkpoint in ``trainer.output_dir``, ``--overwrite``
-to replace a run already there (a second run into the same folder is refused otherwise).
+to replace a run already there (a second run into the same folder is refused otherwise). Ctrl-C
+saves a checkpoint of the last finished step, prints how to resume, and exits with 130.
 """
 
 from __future__ import annotations
@@ -55,15 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.name=grpo")
     args = parser.parse_args(argv)
 
+    from icpo.runtime import set_thread_env_defaults
+
+    set_thread_env_defaults()  # OpenMP reads it once, when torch loads: before the imports below
     from icpo.config import load_config
-    from icpo.trainer import Trainer
-    from icpo.trainer.distributed import exit_launched_process
-    from icpo.trainer.plots import plot_metrics
 
     cfg = load_config(args.config, args.overrides)
     ensure_task_data(cfg, args.train_size, args.val_size)
+    from icpo.trainer import Trainer
+    from icpo.trainer.distributed import exit_launched_process
+    from icpo.trainer.interrupt import EXIT_CODE, TrainingInterrupted
+    from icpo.trainer.plots import plot_metrics
+
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    except TrainingInterrupted:  # the trainer printed where it stopped and how to resume
+        if trainer.world == 1:
+            trainer.close()
+        exit_launched_process(EXIT_CODE)
+        return EXIT_CODE
     trainer.close()  # not on error: a rank that failed must not wait for the others
     if trainer.rank != 0:
         exit_launched_process(0)
@@ -82,4 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while loading, before the training loop
+        print("\ntrain_icpo.py: interrupted", file=sys.stderr)
+        sys.exit(130)

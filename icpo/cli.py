@@ -1,33 +1,53 @@
-"""``icpo train``, ``icpo eval`` and ``icpo filter-coarse``.
+"""``icpo data``, ``icpo train``, ``icpo eval`` and ``icpo filter-coarse``.
 
-  icpo train --config examples/configs/tiny_cpu.yaml actor.lr=5e-5 trainer.total_steps=20
-  icpo train --config run.yaml --resume            # newest checkpoint in trainer.output_dir
-  icpo eval --model outputs/run/checkpoints/step_000020/model --data val.jsonl --n 4 --temperature 1.0
+  icpo data make-arithmetic --out data/arithmetic   # the tiny task's train.jsonl / val.jsonl
+  icpo train --config examples/configs/tiny_cpu.yaml data.train_files=[data/arithmetic/train.jsonl]
+  icpo train --config outputs/run/config.yaml --resume   # newest checkpoint in trainer.output_dir
+  icpo eval --model icpo/tiny --data data/arithmetic/val.jsonl --n 4 --temperature 1.0
   icpo filter-coarse --model icpo/tiny --data train.jsonl --out coarse.jsonl  # paper's coarse data
+
+Config fields: ``icpo train --help`` or docs/config.md.
 """
 
 from __future__ import annotations
 
+# Only the standard library at module level: --help and argument errors must not wait for torch.
 import argparse
 import json
 import sys
 
+from icpo.runtime import set_thread_env_defaults
+
+INTERRUPTED = 130  # icpo.trainer.interrupt.EXIT_CODE, without importing torch here
+
 
 def _train(args: argparse.Namespace) -> int:
     from icpo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors before torch is imported
     from icpo.trainer import Trainer
     from icpo.trainer.distributed import exit_launched_process
+    from icpo.trainer.interrupt import TrainingInterrupted
 
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingInterrupted:
+        if trainer.world == 1:
+            trainer.close()
+        exit_launched_process(INTERRUPTED)
+        return INTERRUPTED
     trainer.close()  # not on error: a rank that failed must not wait for the others
     exit_launched_process(0)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from icpo.runtime import apply_num_threads
+
+    apply_num_threads(args.threads)
     import torch
+    from tqdm.auto import tqdm
 
     from icpo.config import DataConfig, RewardConfig, RolloutConfig
     from icpo.data import PromptDataset, load_records
@@ -39,20 +59,23 @@ def _eval(args: argparse.Namespace) -> int:
 
     check_model_path("--model", args.model)  # before loading anything: one-line errors
     check_reward_function(args.reward, "--reward")
+    records = [r for p in args.data for r in load_records(p)]  # data errors before the model
+    if args.max_samples:
+        records = records[: args.max_samples]
+    reward_fn = RewardFn(RewardConfig(function=args.reward))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, resolve_dtype("auto", device), device)
     data_cfg = DataConfig(train_files=[], val_files=list(args.data),
                           max_prompt_length=args.max_prompt_length, template=args.template)
-    records = [r for p in args.data for r in load_records(p)]
-    if args.max_samples:
-        records = records[: args.max_samples]
     dataset = PromptDataset(records, tokenizer, data_cfg)
     rollout_cfg = RolloutConfig(max_response_length=args.max_new_tokens, val_n=args.n,
                                 val_temperature=args.temperature, hf_batch_size=args.batch_size)
     engine = HFRolloutEngine(model, tokenizer, batch_size=args.batch_size)
-    acc = evaluate(engine, tokenizer, dataset, RewardFn(RewardConfig(function=args.reward)),
-                   rollout_cfg, seed=args.seed)
+    with tqdm(total=len(dataset.items), desc="icpo eval", unit="prompt", dynamic_ncols=True,
+              disable=args.no_progress) as bar:
+        engine.on_batch = bar.update
+        acc = evaluate(engine, tokenizer, dataset, reward_fn, rollout_cfg, seed=args.seed)
     print(json.dumps({"model": args.model, "data": args.data, "n": args.n,
                       "temperature": args.temperature, "num_prompts": len(dataset.items),
                       f"mean@{args.n}": acc}))
@@ -79,18 +102,41 @@ def _filter_coarse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_arithmetic(args: argparse.Namespace) -> int:
+    import os
+
+    from icpo.tasks.arithmetic import make_records, write_jsonl
+
+    for split, n in (("train", args.train), ("val", args.val), ("test", args.test)):
+        if n:
+            path = os.path.join(args.out, f"{split}.jsonl")
+            write_jsonl(make_records(split, n), path)
+            print(f"wrote {n} {split} problems to {path}")
+    return 0
+
+
+def _train_help() -> str:
+    from icpo.config_doc import help_text
+
+    return help_text()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icpo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="icpo", description=__doc__, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train with GRPO or ICPO")
+
+    train = sub.add_parser("train", help="train with GRPO or ICPO", formatter_class=raw,
+                           description="Train with GRPO or ICPO. Ctrl-C saves a checkpoint of the "
+                           "last finished step and exits with 130.", epilog=_train_help())
     train.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue from the newest checkpoint in trainer.output_dir, or from PATH")
     train.add_argument("--overwrite", action="store_true",
-                       help="replace the files of another run in trainer.output_dir (else refused)")
+                       help="replace the run already in trainer.output_dir (refused otherwise)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-6")
     train.set_defaults(fn=_train)
+
     ev = sub.add_parser("eval", help="mean@k accuracy of a model on a prompt set")
     ev.add_argument("--model", required=True, help="Hugging Face folder, or icpo/tiny")
     ev.add_argument("--data", required=True, nargs="+", help="JSONL or parquet files, verl schema")
@@ -103,7 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--template", default="r1", choices=["r1", "none"])
     ev.add_argument("--reward", default="icpo.rewards.verifiable:compute_score")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: as trainer.num_threads, see docs/install.md)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(fn=_eval)
+
+    data = sub.add_parser("data", help="make datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    arith = data_sub.add_parser("make-arithmetic",
+                                help="write the tiny arithmetic task's train/val JSONL (verl schema)")
+    arith.add_argument("--out", default="data/arithmetic", help="output folder (default: %(default)s)")
+    arith.add_argument("--train", type=int, default=4000, help="training problems (default: %(default)s)")
+    arith.add_argument("--val", type=int, default=200, help="held-out problems (default: %(default)s)")
+    arith.add_argument("--test", type=int, default=0, help="held-out test problems (0 = none)")
+    arith.set_defaults(fn=_make_arithmetic)
+
     fc = sub.add_parser(
         "filter-coarse", help="the paper's coarse-grained data: keep the prompts whose G sampled "
         "responses are all correct or all wrong", description="Sample G responses per prompt "
@@ -132,17 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _user_error(e: BaseException) -> bool:
+    """Bad input the user can fix (reported in one line, no traceback)."""
+    if isinstance(e, FileNotFoundError):
+        return True
     from icpo.config import ConfigError
-    from icpo.data import DataError
     from icpo.errors import UserError
 
+    if isinstance(e, (ConfigError, UserError)):
+        return True
+    dataset = sys.modules.get("icpo.data.dataset")  # only loaded (with torch) when data was read
+    return dataset is not None and isinstance(e, dataset.DataError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_thread_env_defaults()  # before anything imports torch
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, UserError) as e:
-        # Bad input the user can fix: one line naming what is wrong, not a traceback.
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluation)
+        print(f"\nicpo {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is the user's input)
+        if not _user_error(e):
+            raise
         print(f"icpo {args.command}: error: {e}", file=sys.stderr)
         if "icpo.trainer.distributed" in sys.modules:
             # A launcher-started rank ends at once, as a successful one does; a lone process

@@ -122,7 +122,7 @@ class RewardConfig:
 @dataclass
 class OmegaConfig:
     schedule: Literal["warmup_decay", "warmup_retention", "linear_decay", "constant"] = "warmup_decay"
-    """Schedule of the preference-score weight omega (SPEC "omega schedule")."""
+    """Schedule of the preference-score weight omega (docs/algorithm.md, "omega over training")."""
     omega_max: float = 1.0
     """Peak omega."""
     omega_min: float = 0.0
@@ -157,7 +157,7 @@ class AlgorithmConfig:
     """Start from a peer's conventions (std, eps, group of one, loss mode, dual-clip, entropy
     aggregation; docs/compat.md); explicit settings still win. None = icpo's defaults."""
     confidence: Literal["mean_logprob", "log_mean_prob"] = "mean_logprob"
-    """Confidence c_i: mean token log-prob (SPEC default) or log of the mean token prob."""
+    """Confidence c_i: mean token log-prob or log of mean token prob (docs/algorithm.md step 3)."""
 
 
 @dataclass
@@ -241,6 +241,11 @@ class TrainerConfig:
     resume_total_steps: Literal["refuse", "rescale"] = "refuse"
     """On --resume with a different total_steps: "refuse", or "rescale" the omega and lr
     schedules to the new length (their value at the current step jumps)."""
+    num_threads: int | None = None
+    """torch intra-op CPU threads; None = OMP_NUM_THREADS if set, else a quarter of this
+    process's share of the cores, at least 1 (see docs/install.md, "Threads")."""
+    save_on_interrupt: bool = True
+    """On Ctrl-C, write a checkpoint of the last finished step before exiting (code 130)."""
 
 
 @dataclass
@@ -456,7 +461,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "actor.max_tokens_per_micro_batch": _GE1, "actor.grad_clip": _NONNEG,
     "trainer.total_steps": _GE1, "trainer.train_batch_size": _GE1, "trainer.save_every": _NONNEG,
     "trainer.eval_every": _NONNEG, "trainer.log_every": _GE1, "trainer.max_skipped_steps": _GE1,
-    "trainer.collapse_entropy_frac": _UNIT,
+    "trainer.collapse_entropy_frac": _UNIT, "trainer.num_threads": _GE1,
 }
 
 

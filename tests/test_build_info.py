@@ -1,5 +1,5 @@
 """The compiled extension records the torch it was built against, and importing icpo with another
-torch fails with the fix named (an extension built in an isolated environment can differ)."""
+torch (on import icpo.ops, which loads it) fails with the fix named (an extension built in an isolated environment can differ)."""
 
 import subprocess
 import sys
@@ -18,7 +18,7 @@ def test_build_matches_installed_torch():
 def test_import_refuses_another_torch():
     code = ("import sys, types; sys.modules['icpo._build_info'] = types.SimpleNamespace("
             "torch_version='1.0.0+old', cuda=False, cuda_arch_list='', cpu_only_reason='x')\n"
-            "import icpo")
+            "import icpo.ops")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0

@@ -1,6 +1,7 @@
 """icpo.data: verl-schema loading, Table 5 template, tokenized dataset, resumable sampler."""
 
 import json
+import os
 import pathlib
 import threading
 
@@ -21,7 +22,8 @@ from icpo.data import (
     load_records,
 )
 
-PAPER = pathlib.Path("/work/shared/paper/icpo-2511.21005.md")
+# The paper as Markdown, if you have it (not part of the repository): ICPO_PAPER_MD=path.
+PAPER = pathlib.Path(os.environ.get("ICPO_PAPER_MD", "/nonexistent/icpo-2511.21005.md"))
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _LOCK = threading.Lock()

@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
 from icpo.ops import grpo_advantages, icpo_advantages, preference_scores, reference
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-# Table 7 of the paper, first group (SPEC.md, worked examples).
+# Table 7 of the paper, first group (docs/algorithm.md, worked examples).
 TABLE7_CONF = [-0.0135, -0.0583, -0.0216, -0.0090, -0.0407]
 TABLE7_R = [0.1, 0.1, 1.0, 0.1, 1.0]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
 from icpo.ops import pack_padded, reference, segment_mean, unpack_to_padded
 
 HAS_CUDA = torch.cuda.is_available()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
 from icpo.ops import reference, token_logprobs
 
 LOWP = (torch.bfloat16, torch.float16)

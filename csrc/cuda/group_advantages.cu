@@ -1,4 +1,4 @@
-// CUDA group ops (SPEC steps 4-7): preference_scores, icpo_advantages, grpo_advantages.
+// CUDA group ops (algorithm.md steps 4-7): preference_scores, icpo_advantages, grpo_advantages.
 // One block per group; a warp for the usual small groups (G = 5 .. 16).
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-"""Confidence and advantages for GRPO and ICPO (SPEC steps 3-7) on top of :mod:`icpo.ops`.
+"""Confidence and advantages for GRPO and ICPO (algorithm.md steps 3-7) on top of :mod:`icpo.ops`.
 
 Responses are grouped per prompt: by default consecutive blocks of ``group_size`` (the rollout
 engines return the n samples of a prompt consecutively); ragged groups (e.g. after dropping
@@ -29,7 +29,7 @@ GROUP_OF_ONE = ("zero", "reward")
 @torch.no_grad()
 def confidence_from_logprobs(logp: torch.Tensor, cu_seqlens: torch.Tensor,
                              kind: str = "mean_logprob") -> torch.Tensor:
-    """Length-normalized confidence of each response (SPEC step 3, Eq. 6-7), fp32 ``[B]``, <= 0.
+    """Length-normalized confidence of each response (step 3, Eq. 6-7), fp32 ``[B]``, <= 0.
 
     Args:
         logp: float ``[T]`` packed log-probs of the sampled response tokens under the policy

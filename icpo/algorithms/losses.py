@@ -1,4 +1,4 @@
-"""GRPO/ICPO policy loss on packed response tokens (SPEC step 8, paper Eq. 4).
+"""GRPO/ICPO policy loss on packed response tokens (docs/algorithm.md step 8, paper Eq. 4).
 
 Every tensor here is *packed*: the response tokens of B responses concatenated into ``[T]``,
 with ``cu_seqlens`` (int32/int64 ``[B+1]``, 0 first, T last, non-decreasing, no empty segment)

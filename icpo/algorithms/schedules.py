@@ -1,8 +1,8 @@
-"""The omega schedule (SPEC "omega schedule", paper Sec. 3.4 / Table 4) and the default delta.
+"""The omega schedule (paper Sec. 3.4 / Table 4; docs/algorithm.md) and the default delta.
 
 omega weighs the preference advantage score in the final reward (Eq. 11):
 ``R_final = R_verif + omega * min(S, |R_verif| / tau)``. The paper names the schedules but gives
-no formula; SPEC.md fixes this project's reading, implemented here. Steps are 0-based: the
+no formula; algorithm.md records this project's reading, implemented here. Steps are 0-based: the
 first training step is 0 and the last is ``total_steps - 1``.
 """
 

@@ -4,7 +4,7 @@ A group is the G responses sampled for one prompt. Groups are either consecutive
 ``group_size`` or ragged, given by ``group_offsets`` ``[num_groups + 1]`` (int32/int64, the
 ``cu_seqlens`` convention: starts at 0, ends at N, no empty group). Exactly one of the two.
 
-None of these ops is differentiable: confidence and rewards are reward inputs (SPEC step 3), so
+None of these ops is differentiable: confidence and rewards are reward inputs (step 3), so
 the wrappers detach them and every output has ``requires_grad=False``.
 Inputs are float32/float64/float16/bfloat16; half types are computed in float32 and returned in
 their own dtype.
@@ -146,7 +146,7 @@ def _check_values(op: str, confidence: torch.Tensor | None, rewards: torch.Tenso
 def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *,
                       group_offsets: torch.Tensor | None = None,
                       delta: float = 0.4) -> torch.Tensor:
-    """Preference advantage score S of every response (SPEC steps 4-5, Eq. 9).
+    """Preference advantage score S of every response (docs/algorithm.md steps 4-5, Eq. 9).
 
     confidence: ``[N]`` float, <= 0 (mean token log-probs), finite; values above
     ``reference.CONFIDENCE_CEIL`` are clamped to it. Groups sorted ascending (stable by position);
@@ -166,7 +166,7 @@ def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor,
                     group_size: int | None = None, *, group_offsets: torch.Tensor | None = None,
                     delta: float = 0.4, tau: float = 2.0, omega: float = 1.0, scale: bool = True,
                     unbiased: bool = False, eps: float = 1e-6) -> ICPOAdvantages:
-    """ICPO advantages: SPEC steps 4-7 in one pass per group.
+    """ICPO advantages: docs/algorithm.md steps 4-7 in one pass per group.
 
     confidence: ``[N]`` float <= 0; rewards: ``[N]`` float (R_verif), same device, finite.
     Returns ``ICPOAdvantages(scores, rewards, advantages)``, each ``[N]`` in rewards' dtype:

@@ -1,7 +1,7 @@
 """Readable pure-PyTorch references for every icpo op.
 
 These are the definitions the compiled kernels are tested and benchmarked against. They favour
-clarity over speed: each follows ``shared/paper/SPEC.md`` step by step. They take the same
+clarity over speed: each follows ``docs/algorithm.md`` step by step. They take the same
 arguments as the public ops in :mod:`icpo.ops` but do no input validation.
 """
 
@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-#: Log-probs are <= 0; a confidence of exactly 0 is clamped to this before dividing (SPEC step 5),
+#: Log-probs are <= 0; a confidence of exactly 0 is clamped to this before dividing (step 5),
 #: so equal confidences give a ratio of exactly 1 and nothing divides by zero.
 CONFIDENCE_CEIL = -1e-12
 
@@ -63,7 +63,7 @@ def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 
 def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *,
                       group_offsets: torch.Tensor | None = None, delta: float = 0.4) -> torch.Tensor:
-    """Preference advantage score of every response (SPEC steps 4-5, Eq. 9).
+    """Preference advantage score of every response (docs/algorithm.md steps 4-5, Eq. 9).
 
     Within a group sorted ascending by confidence (stable), the response at sorted position k gets
     ``S_k = delta * sum_{j > k} c_j / c_k - delta * c_top`` with c_top the group's highest
@@ -115,7 +115,7 @@ def icpo_advantages(confidence: torch.Tensor, rewards: torch.Tensor, group_size:
                     *, group_offsets: torch.Tensor | None = None, delta: float = 0.4,
                     tau: float = 2.0, omega: float = 1.0, scale: bool = True,
                     unbiased: bool = False, eps: float = 1e-6) -> ICPOAdvantages:
-    """SPEC steps 4-7: preference scores, reward fusion (Eq. 11), group normalization (Eq. 5)."""
+    """Steps 4-7: preference scores, reward fusion (Eq. 11), group normalization (Eq. 5)."""
     offsets = group_offsets_from(rewards.numel(), group_size, group_offsets)
     scores = preference_scores(confidence, group_offsets=offsets, delta=delta).to(rewards.dtype)
     final = rewards + omega * torch.minimum(scores, rewards.abs() / tau)

@@ -1,4 +1,4 @@
-"""The paper's noisy-reward setting (Sec. 4.3, App. B.1; SPEC) and the per-step mixed-group filter.
+"""The paper's noisy-reward setting (Sec. 4.3, App. B.1; docs/algorithm.md) and the per-step mixed-group filter.
 
 Noisy: at every step, exactly ``round(fraction * N)`` of the N responses, chosen uniformly at
 random, get ``+magnitude`` or ``-magnitude`` (random sign, each with probability 1/2) added to

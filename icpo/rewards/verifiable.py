@@ -1,4 +1,4 @@
-"""The verifiable reward of SPEC Eq. 10: ``R_verif = 0.9 * R_answer + 0.1 * R_format``.
+"""The verifiable reward (Eq. 10, docs/algorithm.md): ``R_verif = 0.9 * R_answer + 0.1 * R_format``.
 
 ``R_format`` is 1 when the response follows the Table 5 template: ``<think>...</think>`` then
 ``<answer>...</answer>``, each tag exactly once, in that order, nothing but whitespace outside.

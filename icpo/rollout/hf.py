@@ -65,6 +65,9 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError(f"decoder='icpo' needs full attention in every layer; "
                              f"{type(self.model).__name__} has sliding-window or hybrid layers")
         self._decoder = decoder
+        self.on_batch = None
+        """Optional callback, called with the number of prompts done after each ``generate``
+        batch (``icpo eval`` drives its progress bar with it)."""
         embeddings = self.model.get_input_embeddings()
         self.vocab_size = getattr(embeddings, "num_embeddings", None)
 
@@ -89,6 +92,8 @@ class HFRolloutEngine(RolloutEngine):
                         prompts.append(row)
                         responses.append(response)
                         reasons.append(reason)
+                    if self.on_batch is not None:
+                        self.on_batch(len(chunk))
         finally:
             self.model.train(was_training)
         return RolloutBatch(prompts, responses, reasons)

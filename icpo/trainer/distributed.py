@@ -47,9 +47,47 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         import deepspeed
 
+        if not use_cuda and int(os.environ["WORLD_SIZE"]) == 1:
+            _skip_shm_comm_op()
+        elif not use_cuda:
+            _announce_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+def _skip_shm_comm_op() -> None:
+    """One process on CPU: keep DeepSpeed from JIT-compiling its shared-memory all-reduce op.
+
+    DeepSpeed 0.19's ``TorchBackend`` builds the ``deepspeed_shm_comm`` C++ op (30 s on an
+    idle 2-core machine, minutes on a busy one, silently) whenever its probe table
+    ``deepspeed.ops.__compatible_ops__`` marks it compatible; the op only speeds up
+    collectives between processes on one host, which a single process never runs. DeepSpeed
+    caches that table in its module so that edits persist; marking the op incompatible makes
+    ``build_shm_op`` return None and the backend use plain gloo. Several processes still
+    build it (once per TORCH_EXTENSIONS_DIR)."""
+    import deepspeed.ops
+
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # another DeepSpeed layout: build as it decides
+        pass
+
+
+def _announce_shm_comm_build() -> None:
+    """Several processes on CPU: DeepSpeed compiles its shared-memory op on first use. Keep
+    the build per environment (``<venv>/torch_extensions`` unless TORCH_EXTENSIONS_DIR is set,
+    so environments do not rebuild and lock one shared cache) and say so before the wait."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
+    built = any(os.path.isdir(os.path.join(d, "deepspeed_shm_comm"))
+                for d in [root, *(e.path for e in os.scandir(root) if e.is_dir())]
+                ) if os.path.isdir(root) else False
+    if not built and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"icpo: compiling DeepSpeed's shared-memory communication op once for this "
+              f"environment into {root} (30 s to a few minutes)", file=sys.stderr, flush=True)
 
 
 def world_size() -> int:

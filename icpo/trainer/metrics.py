@@ -54,6 +54,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+_BAR_FIELDS = (("reward/mean", "reward"), ("accuracy", "train_acc"), ("val/accuracy", "val_acc"))
+"""Progress-bar figures, (metric, label): reward = mean reward of this step's responses (the
+verifiable reward, plus noise when set; before ICPO's bonus), train_acc = the fraction of them
+with a correct answer, val_acc = held-out accuracy at the latest evaluation."""
+
+
 class MetricsLogger:
     """One JSON line per step in ``<output_dir>/metrics.jsonl``, plus optional sinks."""
 
@@ -118,15 +124,16 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
         if self._bar is not None:
-            shown = {k.split("/")[-1] if k != "val/accuracy" else "val_acc": f"{numeric[k]:.3f}"
-                     for k in ("reward/mean", "accuracy", "val/accuracy") if k in numeric}
+            shown = {label: f"{numeric[k]:.3f}" for k, label in _BAR_FIELDS if k in numeric}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1 if advance else 0)
 
     def close(self) -> None:
+        """Close every sink; calling it again does nothing."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        self._bar = self._tb = self._wandb = None

@@ -43,7 +43,7 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
     """Log-prob (and entropy) of every response token in ``batch``: fp32 ``[T_resp]`` each.
 
     ``temperature`` is the sampling temperature: the confidence and the ratio in the loss are
-    taken under the distribution the responses were drawn from (SPEC step 3).
+    taken under the distribution the responses were drawn from (docs/algorithm.md step 3).
     ``share_prefix``: run each distinct prompt once when that saves compute (padded path only).
     ``lockstep``: exactly one forward of the decoder body, whatever the batch holds (no length
     buckets, no shared prefix): under ZeRO-3 every forward gathers parameters collectively, so

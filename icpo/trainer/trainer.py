@@ -1,6 +1,6 @@
 """The GRPO / ICPO training loop: rollout, score, advantages, PPO updates, sync, log, save.
 
-One step (shared/DESIGN.md): sample G responses per prompt; verifiable rewards (+ optional
+One step (docs/architecture.md): sample G responses per prompt; verifiable rewards (+ optional
 noise / mixed-group drop); old log-probs and entropy with the fused kernel on packed sequences;
 confidence = segment mean of old log-probs; reference log-probs; ICPO or GRPO advantages;
 ``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts, each a DeepSpeed
@@ -31,11 +31,14 @@ from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.evaluate import evaluate
 from icpo.trainer.guard import Guard, optimizer_step
+from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, resume_hint
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
 from icpo.models import resolve_model_path
 from icpo.trainer.preflight import preflight
+from icpo.trainer.run_folder import find_resumable
 from icpo.trainer.setup import build_engines, load_tokenizer
+from icpo.runtime import apply_num_threads
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -65,7 +68,10 @@ class Trainer:
         # Before any set-up: a bad input ends every rank alike, before the model loads.
         pre = preflight(cfg, resume=resume, overwrite=overwrite)
         check_engine_available(cfg.rollout.engine)  # before any model or process group
+        apply_num_threads(cfg.trainer.num_threads)
         self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
+        self._updating = False  # the model is between two steps (see icpo/trainer/interrupt.py)
+        self._step_start_sampler = None  # the sampler's state where the running step began
         self.output_dir = Path(cfg.trainer.output_dir)
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
@@ -333,6 +339,7 @@ class Trainer:
         adv_tok = adv.advantages.repeat_interleave(lengths)
         t["time/advantages"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        self._updating = True  # from here until the step is counted, Ctrl-C waits for it
         metrics = self._update(ro, old_logp, ref_logp, adv_tok, resp_cu, step, fused)
         t["time/update"] = time.perf_counter() - t0
         metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
@@ -393,24 +400,71 @@ class Trainer:
         dist.shutdown()
 
     def train(self) -> list[dict[str, Any]]:
-        """Run to ``trainer.total_steps``; returns the logged metrics of the steps run here."""
+        """Run to ``trainer.total_steps``; returns the logged metrics of the steps run here.
+        Ctrl-C raises :class:`TrainingInterrupted` after saving (icpo/trainer/interrupt.py)."""
         cfg, history = self.cfg.trainer, []
+        guard = InterruptGuard(lambda: self._updating)
         try:
-            if self.step == 0 and self.val_data is not None and cfg.eval_every:
-                before = {"val/accuracy": self.evaluate()}
-                self.logger.log(0, before, advance=False)
-                history.append({"step": 0, **before})
-            while self.step < cfg.total_steps:
-                metrics = self.train_step()
-                self.step += 1
-                last = self.step == cfg.total_steps
-                if self.val_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                    metrics["val/accuracy"] = self.evaluate()
-                self.logger.log(self.step, metrics)
-                history.append({"step": self.step, **metrics})
-                self.guard.check_policy(self.step, metrics.get("entropy"), self.engines.actor.module)
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
-                    self.save()
+            with guard:
+                if self.step == 0 and self.val_data is not None and cfg.eval_every:
+                    before = {"val/accuracy": self.evaluate()}
+                    self.logger.log(0, before, advance=False)
+                    history.append({"step": 0, **before})
+                while self.step < cfg.total_steps and not guard.requested:
+                    self._step_start_sampler = self.sampler.state_dict()
+                    metrics = self.train_step()
+                    self.step += 1
+                    self._updating, self._step_start_sampler = False, None
+                    last = self.step == cfg.total_steps
+                    if self.val_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                        metrics["val/accuracy"] = self.evaluate()
+                    self.logger.log(self.step, metrics)
+                    history.append({"step": self.step, **metrics})
+                    self.guard.check_policy(self.step, metrics.get("entropy"), self.engines.actor.module)
+                    if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                        self.save()
+                if guard.requested and self.step < cfg.total_steps:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.logger.close()
+            raise self._interrupted() from None
         finally:
             self.logger.close()
         return history
+
+    def _latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``latest`` names, or None (none yet, or ``latest`` is unusable)."""
+        try:
+            return find_resumable(self.output_dir)
+        except UserError:
+            return None
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """After Ctrl-C: save when the state is that of a finished step, print one line."""
+        cfg, where = self.cfg.trainer, f"step {self.step}/{self.cfg.trainer.total_steps}"
+        saved, note = None, ""
+        if self._updating:
+            note = "stopped during an update, not saved"
+        elif not cfg.save_on_interrupt:
+            note = "not saved (trainer.save_on_interrupt=false)"
+        elif self.world > 1:
+            note = "not saved (several processes stop at different points)"
+        elif self.step == 0:
+            note = "no step finished, nothing to save"
+        else:
+            if self._step_start_sampler is not None:  # abandoned step: rewind its prompts
+                self.sampler.load_state_dict(self._step_start_sampler)
+            latest = self._latest_checkpoint()
+            same = latest is not None and latest.name == f"step_{self.step:06d}"
+            saved = str(latest if same else self.save())  # this very state is saved already
+        latest = self._latest_checkpoint()
+        if saved:
+            msg = f"icpo: interrupted after {where}; saved {saved}"
+        else:
+            msg = f"icpo: interrupted after {where}; {note}"
+            msg += f"; last checkpoint: {latest}" if latest else "; no checkpoint yet"
+        if saved or latest:
+            msg += f"; resume: {resume_hint(str(self.output_dir))}"
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+        return TrainingInterrupted(msg, saved or (str(latest) if latest else None))

@@ -1,0 +1,14 @@
+"""Write docs/config.md from the dataclasses in icpo/config.py (tests/test_config_doc.py
+fails when the file is out of date).
+
+    python tools/gen_config_doc.py
+"""
+
+from pathlib import Path
+
+from icpo.config_doc import markdown
+
+if __name__ == "__main__":
+    path = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    path.write_text(markdown(), encoding="utf-8")
+    print(f"wrote {path}")
