@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 (re-raised unless it is the user's input)
         if not _user_error(e):
             raise
-        print(f"icpo {args.command}: error: {e}", file=sys.stderr)
+        # One write: the ranks of a launched run share stderr, and lines must not interleave.
+        sys.stderr.write(f"icpo {args.command}: error: {e}\n")
+        sys.stderr.flush()
         if "icpo.trainer.distributed" in sys.modules:
             # A launcher-started rank ends at once, as a successful one does; a lone process
             # returns here.
