@@ -10,7 +10,6 @@ moves). :func:`coarse_train_file` is the one place the experiments call it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 TASKS = ("routes", "arithmetic")
@@ -55,36 +54,25 @@ def coarse_path(train_file: Path) -> Path:
 
 def coarse_train_file(train_file: Path, model: str, group_size: int, max_new_tokens: int,
                       seed: int = 0) -> Path:
-    """The coarse training file next to ``train_file`` (``coarse.jsonl`` + ``coarse.json``
-    stats), made once by ``model`` at temperature 1 with ``group_size`` samples per prompt.
-
-    Merge note: when ``icpo filter-coarse`` (``icpo.data.coarse``) lands, this body becomes a call
-    to it; the experiments use the returned path only.
+    """The coarse training file next to ``train_file`` (``coarse.jsonl`` + ``coarse.json``, the
+    summary of :func:`icpo.data.coarse.filter_coarse`, the code behind ``icpo filter-coarse``),
+    made by ``model`` at temperature 1 with ``group_size`` samples per prompt. Made once: a
+    summary with the same settings (and as many prompts as ``train_file`` has lines) is reused.
     """
-    from icpo.tasks.arithmetic import write_jsonl
-    from icpo.tasks.probe import load, sample_graded, uniform_groups
+    from icpo.data.coarse import CoarseFilterSpec, filter_coarse
 
     out = coarse_path(train_file)
-    stats_path = out.with_suffix(".json")
-    want = {"source": str(train_file), "source_lines": count_lines(train_file), "model": model,
-            "group_size": group_size, "max_new_tokens": max_new_tokens, "seed": seed}
+    spec = CoarseFilterSpec(model=model, train_files=[str(train_file)], output=str(out),
+                            n=group_size, max_new_tokens=max_new_tokens, seed=seed,
+                            summary=str(out.with_suffix(".json")), overwrite=True)
+    want = {"model": model, "train_files": spec.train_files, "n": group_size,
+            "temperature": float(spec.temperature), "max_new_tokens": max_new_tokens, "seed": seed,
+            "reward_function": spec.reward_function, "template": spec.template,
+            "prompts": count_lines(train_file)}
+    stats_path = Path(spec.summary_path)
     if out.is_file() and stats_path.is_file():
         stats = json.loads(stats_path.read_text())
         if {k: stats.get(k) for k in want} == want:
             return out
-    records = [json.loads(line) for line in train_file.open()]
-    m, tok = load(model)
-    graded = sample_graded(m, tok, records, group_size, seed, max_new_tokens)
-    keep = uniform_groups(graded)
-    kept = [r for r, k in zip(records, keep) if k]
-    if not kept:
-        raise RuntimeError(f"coarse filter: no prompt of {train_file} had uniform groups")
-    g = group_size
-    all_right = sum(k and graded.correct[i * g] for i, k in enumerate(keep))
-    write_jsonl(kept, out)
-    stats = {**want, "kept": len(kept), "kept_fraction": len(kept) / len(records),
-             "all_correct": all_right, "all_wrong": len(kept) - all_right}
-    tmp = stats_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n")
-    os.replace(tmp, stats_path)
+    filter_coarse(spec)
     return out

@@ -221,8 +221,8 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
              "mean held-out accuracy over the evaluated steps (trapezoids).", ""]
     coarse = meta.get("coarse_data")
     if coarse:
-        lines += [f"Coarse data (paper protocol): {coarse['model']} sampled G={coarse['group_size']} per "
-                  f"training prompt once; kept {coarse['kept']} of {coarse['source_lines']} prompts "
+        lines += [f"Coarse data (paper protocol): {coarse['model']} sampled G={coarse['n']} per "
+                  f"training prompt once; kept {coarse['kept']} of {coarse['judged']} prompts "
                   f"({coarse['all_correct']} all correct, {coarse['all_wrong']} all wrong).", ""]
     lines += ["## Results", "",
              "| group | setting | algorithm | final held-out acc. | val. AUC | final entropy | initial acc. | seeds |",

@@ -4,10 +4,12 @@ responses, is the correct response often the LESS confident one?
 For ``--n`` held-out prompts, samples ``--g`` responses each (temperature 1, our HF rollout
 engine, fixed seed), scores them with the verifiable reward, and takes each response's confidence
 as the mean token log-prob under the sampling policy (``confidence_from_logprobs``, the
-trainer's definition; :mod:`icpo.tasks.probe`). Over every within-group pair (correct, wrong) it reports the fraction in
-which the correct response is the less confident one (the premise metric; ICPO needs it to be
-substantial), the fraction of mixed groups whose most confident response is correct, and the
-fraction of responses whose ICPO score reaches its clip |R| / tau (``--delta``, ``--tau``). With
+trainer's definition; :mod:`icpo.tasks.probe`). It reports the trainer's ``premise/`` metrics
+(:func:`icpo.algorithms.premise.premise_metrics`) on these samples: over every within-group pair
+(correct, wrong) the fraction in which the correct response is the less confident one (the
+premise; ICPO needs it to be substantial), the fraction of mixed groups whose most confident
+response is correct, and the fraction of responses with R != 0 whose ICPO score reaches its clip
+|R| / tau (``--delta``, ``--tau``). With
 ``--task routes`` it also splits the samples by route (:mod:`icpo.tasks.routes`)::
 
     python scripts/measure_premise.py --model icpo/tiny --task arithmetic
@@ -37,23 +39,28 @@ def _task(name: str):
 
 def measure(model_path: str, task: str, n: int, g: int, seed: int, max_new_tokens: int = 64,
             delta: float = 0.5, tau: float = 2.0) -> dict:
-    """Samples, scores and counts; returns the summary dict printed by :func:`main`."""
+    """Samples, scores and counts; returns the summary dict printed by :func:`main`. The premise
+    numbers are the trainer's per-step ``premise/`` metrics (:func:`premise_metrics`) on these
+    samples, with ICPO's scores (Eq. 9) at ``delta`` and the clip at ``tau``."""
+    from icpo.algorithms.premise import premise_metrics
+    from icpo.data.coarse import group_outcome
+    from icpo.ops import preference_scores
     from icpo.tasks.arithmetic import make_records
-    from icpo.tasks.probe import bonus_at_cap, load, premise_pairs, response_confidence, sample_graded
+    from icpo.tasks.probe import load, response_confidence, sample_graded
 
     difficulty, route_of = _task(task)
     model, tok = load(model_path)
     graded = sample_graded(model, tok, make_records("val", n, difficulty=difficulty), g, seed, max_new_tokens)
     texts, correct = graded.texts, graded.correct
     conf = response_confidence(model, graded.prompt_ids, graded.response_ids)
-    counts = premise_pairs(conf, correct, g)
+    conf_t = torch.tensor(conf)  # float32, as the trainer
+    scores = preference_scores(conf_t, g, delta=delta)
+    mixed = sum(group_outcome(correct[i:i + g]) == "mixed" for i in range(0, len(correct), g))
     summary = {"model": model_path, "task": task, "prompts": n, "group_size": g, "seed": seed,
-               "accuracy": sum(correct) / len(correct), **counts,
-               "premise_fraction": counts["correct_less_confident"] / max(counts["pairs"], 1),
-               "top_is_correct_fraction": counts["top_is_correct"] / max(counts["mixed_groups"], 1)}
-    capped = bonus_at_cap(conf, graded.rewards, g, delta, tau)
-    summary["bonus_at_cap"] = {"delta": delta, "tau": tau, "all": sum(capped) / len(capped),
-                               "correct": sum(c for c, k in zip(capped, correct) if k) / max(sum(correct), 1)}
+               "delta": delta, "tau": tau, "accuracy": sum(correct) / len(correct),
+               "mixed_groups": mixed,
+               **premise_metrics(conf_t, torch.tensor(correct), torch.tensor(graded.rewards),
+                                 scores, g, tau)}
     if route_of is not None:
         routes: dict[str, dict] = {}
         for t, ok, c in zip(texts, correct, conf):

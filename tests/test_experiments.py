@@ -265,28 +265,32 @@ def test_report_only_cli_reads_finished_runs(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------- data
-def test_coarse_data_keeps_uniform_prompts_once(tmp_path, monkeypatch):
-    """The paper's protocol: one pass of the base model, keep the prompts whose G samples are all
-    right or all wrong; a second call with the same inputs reuses the file."""
-    import icpo.tasks.probe as probe
+def test_coarse_data_is_made_once_by_filter_coarse(tmp_path, monkeypatch):
+    """The paper's protocol is icpo.data.coarse (tested in test_coarse_filter.py): the experiments
+    call it once with their settings, reuse its output while the settings match, and make it
+    again (overwriting) when they change."""
+    import icpo.data.coarse as coarse
 
     train, _ = xd.ensure_data(tmp_path, "routes", 12, 2)
-    graded = {}
-    real = probe.sample_graded
+    specs = []
+    real = coarse.filter_coarse
 
-    def spy(model, tok, records, g, seed, max_new_tokens):
-        graded["g"] = real(model, tok, records, g, seed, max_new_tokens)
-        return graded["g"]
+    def spy(spec):
+        specs.append(spec)
+        return real(spec)
 
-    monkeypatch.setattr(probe, "sample_graded", spy)
+    monkeypatch.setattr(coarse, "filter_coarse", spy)
     out = xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40)
+    assert out == xd.coarse_path(train) and len(specs) == 1
+    spec = specs[0]
+    assert (spec.model, spec.train_files, spec.n, spec.max_new_tokens, spec.seed, spec.temperature) == \
+        ("icpo/tiny-routes", [str(train)], 3, 40, 0, 1.0)
     source = [json.loads(x) for x in train.open()]
     kept = [json.loads(x) for x in out.open()]
-    ok = graded["g"].correct
-    uniform = [r for i, r in enumerate(source) if len(set(ok[3 * i:3 * i + 3])) == 1]
-    assert kept == uniform and 0 < len(kept) < len(source)
     stats = json.loads(out.with_suffix(".json").read_text())
-    assert stats["kept"] == len(kept) and stats["all_correct"] + stats["all_wrong"] == len(kept)
-    assert stats["all_correct"] == sum(all(ok[3 * i:3 * i + 3]) for i in range(len(source)))
-    monkeypatch.setattr(probe, "sample_graded", lambda *a, **k: pytest.fail("sampled again"))
-    assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40) == out
+    assert stats["kept"] == len(kept) == stats["all_correct"] + stats["all_wrong"]
+    assert 0 < len(kept) < len(source) and stats["prompts"] == len(source)
+    assert [r for r in source if r in kept] == kept  # a subset, in input order
+    assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40) == out and len(specs) == 1
+    assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40, seed=1) == out and len(specs) == 2
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] == 1

@@ -1,12 +1,16 @@
-"""The two-route testbed task (icpo.tasks.routes) and the probing helpers (icpo.tasks.probe)."""
+"""The two-route testbed task (icpo.tasks.routes), the probing helpers (icpo.tasks.probe) and
+scripts/measure_premise.py."""
 
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
 from icpo.rewards.verifiable import answer_reward, extract_answer
 from icpo.tasks.arithmetic import make_records, solve
-from icpo.tasks.probe import Graded, premise_pairs, uniform_groups
+from icpo.tasks.probe import Graded
 from icpo.tasks.routes import (DIFFICULTY, pretraining_response, route_of, route_response, route_steps,
                                slips)
 
@@ -43,23 +47,31 @@ def test_route_of_and_the_pretraining_mixture():
         pretraining_response("1 - 2", rng, 1.5)
 
 
-def test_premise_pairs_counts_within_groups_only():
-    # group 1: correct (-0.5, -0.1), wrong (-0.3): pairs (-0.5 < -0.3) yes, (-0.1 < -0.3) no.
-    # group 2: all wrong (no pairs); group 3: correct -0.9 vs wrong -0.2, -0.95 -> 1 of 2.
+def test_measure_premise_reports_the_trainers_premise_metrics(monkeypatch):
+    """The script's premise numbers are premise_metrics on its samples, with ICPO's scores at its
+    delta; sampling is faked (hand-made groups) so that no model runs."""
+    import icpo.tasks.probe as probe
+    from icpo.algorithms.premise import premise_metrics
+    from icpo.ops import preference_scores
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "measure_premise.py"
+    spec = importlib.util.spec_from_file_location("measure_premise", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     conf = [-0.5, -0.1, -0.3, -0.2, -0.4, -0.6, -0.9, -0.2, -0.95]
     ok = [True, True, False, False, False, False, True, False, False]
-    got = premise_pairs(conf, ok, 3)
-    assert got == {"pairs": 4, "correct_less_confident": 2, "mixed_groups": 2, "top_is_correct": 1}
-    with pytest.raises(ValueError, match="group_size"):
-        premise_pairs(conf[:4], ok[:4], 3)
-
-
-def test_uniform_groups():
-    g = Graded(texts=[""] * 6, correct=[True, True, False, False, False, False], rewards=[0.0] * 6,
-               prompt_ids=[], response_ids=[], group_size=2)
-    assert uniform_groups(g) == [True, True, True]
-    g.correct = [True, False, False, False, True, True]
-    assert uniform_groups(g) == [False, True, True]
+    rewards = [1.0 if k else 0.1 for k in ok]
+    texts = [route_response("4 - 8 - 9", "A" if i % 2 else "B") for i in range(9)]
+    graded = Graded(texts, ok, rewards, [[1]] * 9, [[2]] * 9, 3)
+    monkeypatch.setattr(probe, "load", lambda path: (None, None))
+    monkeypatch.setattr(probe, "sample_graded", lambda m, t, records, g, *a: graded)
+    monkeypatch.setattr(probe, "response_confidence", lambda m, p, r: conf)
+    got = script.measure("icpo/tiny-routes", "routes", 3, 3, 0, delta=0.3, tau=1.5)
+    want = premise_metrics(torch.tensor(conf), torch.tensor(ok), torch.tensor(rewards),
+                           preference_scores(torch.tensor(conf), 3, delta=0.3), 3, 1.5)
+    assert {k: got[k] for k in want} == want and got["premise/pairs"] == 4
+    assert got["mixed_groups"] == 2 and got["accuracy"] == pytest.approx(3 / 9)
+    assert got["routes"]["A"]["share"] == pytest.approx(4 / 9)
 
 
 def test_bundled_testbed_model_is_small_and_shares_the_tokenizer():

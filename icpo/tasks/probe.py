@@ -1,8 +1,8 @@
 """Probing a model on task records before training: sample G responses per prompt, grade them,
-and measure their confidence; count how often the correct response is the less confident.
+and measure their confidence (the trainer's).
 
-Used by ``scripts/measure_premise.py`` (ICPO's premise on a model) and by the experiments'
-coarse-data step (which prompts a base model answers all right or all wrong).
+Used by ``scripts/measure_premise.py`` (ICPO's premise on a model), which counts with the
+trainer's own metrics (:func:`icpo.algorithms.premise.premise_metrics`).
 """
 
 from __future__ import annotations
@@ -78,48 +78,3 @@ def response_confidence(model, prompts: list[list[int]], responses: list[list[in
             cu.append(cu[-1] + len(r))
         out += confidence_from_logprobs(torch.cat(packed), torch.tensor(cu)).tolist()
     return out
-
-
-def premise_pairs(confidence: list[float], correct: list[bool], group_size: int) -> dict:
-    """Counts over the within-group (correct, wrong) pairs of consecutive groups of ``group_size``.
-
-    Returns ``pairs``, ``correct_less_confident`` (pairs whose correct response has the strictly
-    lower confidence), ``mixed_groups`` and ``top_is_correct`` (mixed groups whose most
-    confident response is correct).
-    """
-    if len(confidence) != len(correct) or len(confidence) % group_size:
-        raise ValueError(f"confidence/correct: expected equal lengths divisible by group_size "
-                         f"{group_size}, got {len(confidence)} and {len(correct)}")
-    out = {"pairs": 0, "correct_less_confident": 0, "mixed_groups": 0, "top_is_correct": 0}
-    for start in range(0, len(confidence), group_size):
-        conf, ok = confidence[start:start + group_size], correct[start:start + group_size]
-        right = [c for c, k in zip(conf, ok) if k]
-        wrong = [c for c, k in zip(conf, ok) if not k]
-        if not right or not wrong:
-            continue
-        out["mixed_groups"] += 1
-        out["top_is_correct"] += ok[max(range(group_size), key=conf.__getitem__)]
-        out["pairs"] += len(right) * len(wrong)
-        out["correct_less_confident"] += sum(r < w for r in right for w in wrong)
-    return out
-
-
-def bonus_at_cap(confidence: list[float], rewards: list[float], group_size: int, delta: float,
-                 tau: float) -> list[bool]:
-    """Per response: is ICPO's preference score at or above its clip |R| / tau (Eq. 9, 11), i.e.
-    would the bonus be the cap rather than carry the score's ranking? Scores from the trainer's
-    own advantage function at omega = 1."""
-    from types import SimpleNamespace
-
-    from icpo.algorithms import compute_advantages
-
-    cfg = SimpleNamespace(name="icpo", delta=delta, tau=tau, scale_advantages=True, unbiased_std=False, eps=1e-6)
-    out = compute_advantages(torch.tensor(confidence), torch.tensor(rewards), group_size, cfg, 1.0)
-    caps = torch.tensor(rewards).abs() / tau
-    return (out.scores >= caps).tolist()
-
-
-def uniform_groups(graded: Graded) -> list[bool]:
-    """Per record: True when its ``g`` samples are all correct or all wrong."""
-    g, ok = graded.group_size, graded.correct
-    return [len(set(ok[i:i + g])) == 1 for i in range(0, len(ok), g)]
