@@ -67,6 +67,18 @@ def scored(t, rows):
     return t._generate_and_score_completions(rows)
 
 
+def trl_confidence(t, out) -> torch.Tensor:
+    """Each completion's mean token log-prob, recomputed independently of icpo's kernels with
+    TRL's own (fused-head) log-prob path."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        logp, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn,
+                                                          out["completion_ids"].size(1))
+    mask = out["completion_mask"].float()
+    return (logp * mask).sum(1) / mask.sum(1)
+
+
 def test_omega_zero_is_trl_grpo(tmp_path, one_thread):
     grpo, rows = trainer(GRPOTrainer, config(GRPOConfig, tmp_path), tmp_path)
     icpo, _ = trainer(ICPOTrainer, config(ICPOConfig, tmp_path, omega_max=0.0), tmp_path)
@@ -86,14 +98,7 @@ def test_omega_positive_is_icpo_advantages(tmp_path, one_thread):
     t, rows = trainer(ICPOTrainer, args, tmp_path)
     t.state.max_steps = 10
     out = scored(t, rows)
-    # Confidence recomputed independently, with TRL's own (fused-head) log-prob path.
-    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-    with torch.no_grad():
-        logp, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn,
-                                                          out["completion_ids"].size(1))
-    mask = out["completion_mask"].float()
-    confidence = (logp * mask).sum(1) / mask.sum(1)
+    confidence = trl_confidence(t, out)
     rewards = t._rewards_all.sum(1)
     want = ops.icpo_advantages(confidence, rewards, G, delta=0.5, tau=2.0, omega=1.0,
                                unbiased=True, eps=1e-4)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[2])  # the tests folder
 from test_trl_integration import G, ICPOConfig, ICPOTrainer, GRPOConfig, GRPOTrainer  # noqa: E402
-from test_trl_integration import config, dataset, MODEL  # noqa: E402
+from test_trl_integration import config, dataset, MODEL, trl_confidence  # noqa: E402
 
 
 def brevity(completion_ids, **_):
@@ -53,14 +53,8 @@ def main(out_path: str) -> None:
         rows = [row for row in data.select(range(2 * rank, 2 * rank + 2)) for _ in range(G)]
         torch.manual_seed(123 + rank)
         out = t._generate_and_score_completions(rows)
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        with torch.no_grad():
-            logp, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn,
-                                                              out["completion_ids"].size(1))
-        mask = out["completion_mask"].float()
         runs[name] = {"advantages": gather(out["advantages"].float()),
-                      "confidence": gather((logp * mask).sum(1) / mask.sum(1)),
+                      "confidence": gather(trl_confidence(t, out)),
                       "rewards": (t._rewards_all.sum(1).tolist() if name != "grpo" else None),
                       "world": t.accelerator.num_processes}
     if dist.get_rank() == 0:
