@@ -6,11 +6,8 @@ status 2 from every rank of a two-process torchrun.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from launch import clean_env, free_port
 from icpo.config import config_from_dict
 from icpo.errors import TrainingStopped
 from icpo.tasks.arithmetic import make_records, write_jsonl
@@ -188,12 +186,7 @@ def test_skipped_prompts_are_counted_and_reported(train_file, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- subprocesses
 
-def _env() -> dict[str, str]:
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+_env = clean_env
 
 
 _DIE_IN_CHECKPOINT = """
@@ -244,10 +237,7 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(train_file, tmp_path,
         [r["reward/mean"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 import icpo.trainer.trainer as trainer_mod
+from launch import clean_env, free_port
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import config_from_dict
 from icpo.data.dataset import DataError
@@ -348,19 +347,7 @@ def test_checkpoint_content(tiny_random_model_dir, task_data, tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's env minus the rendezvous variables the in-process trainers set."""
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+_free_port, _clean_env = free_port, clean_env
 
 
 def write_yaml(path: Path, d: dict) -> Path:

@@ -144,20 +144,16 @@ def test_two_processes(tmp_path):
     both processes (scores and std over whole groups), each process keeping its own slice; with
     omega = 0 they are TRL's GRPO advantages."""
     import json
-    import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from launch import clean_env, free_port
+
+    port = free_port()
     here = Path(__file__).resolve().parent
     out = tmp_path / "runs.json"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(port), str(here / "trl_two_process_worker.py"), str(out), str(here)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
