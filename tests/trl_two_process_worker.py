@@ -6,6 +6,7 @@ advantages were computed over the whole batch and sliced per process, as TRL doe
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -64,3 +65,12 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # The same clean exit as icpo's launched ranks (icpo.trainer.distributed.exit_launched_process):
+    # gloo's C++ teardown at interpreter exit aborts a rank now and then ("terminate called without
+    # an active exception", -6) after all work is written, which torchrun reports as a failure.
+    from icpo.trainer.distributed import shutdown
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
