@@ -224,7 +224,7 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def print_plan(plan: Plan, mode: str, todo: list[Run]) -> None:
+def print_plan(plan: Plan, mode: str, todo: list[Run], jobs: int = 1) -> None:
     n_unique = len({r.name for r in plan.runs})
     print(f"mode {mode}: {len(plan.settings)} settings -> {n_unique} distinct configs x "
           f"{len(plan.seeds)} seeds = {len(plan.runs)} runs ({len(plan.runs) - len(todo)} already done)")
@@ -235,9 +235,9 @@ def print_plan(plan: Plan, mode: str, todo: list[Run]) -> None:
     for name in dict.fromkeys(r.name for r in plan.runs):
         r = next(x for x in plan.runs if x.name == name)
         print(f"  {name:<28} {r.total_steps} steps, ~{fmt_s(r.estimate_s)} per run")
-    left = sum(r.estimate_s for r in todo)
+    left = sum(r.estimate_s for r in todo) / jobs
     budget = BUDGET_S[mode]
-    print(f"estimated time: {fmt_s(left)} for {len(todo)} runs (budget for {mode}: {fmt_s(budget)}; "
+    print(f"estimated time: {fmt_s(left)} for {len(todo)} runs, {jobs} at once (budget for {mode}: {fmt_s(budget)}; "
           f"cost model: {STEP_S_PER_RESPONSE * 1e3:.1f} ms/response/step, {STARTUP_S:.0f} s start-up)")
     if left > budget:
         print(f"WARNING: the estimate exceeds the {mode} budget; use --only to run fewer settings")
@@ -261,27 +261,49 @@ def execute(run: Run, preset: Path, keep_checkpoints: bool) -> None:
         shutil.rmtree(run.out_dir / "checkpoints", ignore_errors=True)
 
 
-def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool) -> list[str]:
-    """Execute ``todo`` in order, printing progress and an ETA rescaled by measured run times."""
+def default_jobs() -> int:
+    """Runs at once: each run takes ``icpo.runtime.auto_num_threads()`` intra-op threads (1 on a
+    2- to 7-core machine), so the usable cores hold this many without oversubscribing."""
+    from icpo.runtime import auto_num_threads, usable_cores
+
+    return max(1, usable_cores() // auto_num_threads())
+
+
+def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool, jobs: int = 1) -> list[str]:
+    """Execute ``todo`` with up to ``jobs`` subprocesses at once (started in plan order), printing
+    each run as it ends and an ETA rescaled by the measured run times."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     failures: list[str] = []
     ratios: list[float] = []
-    for i, run in enumerate(todo, 1):
+    done = 0
+
+    def timed(run: Run) -> float:
         t0 = time.perf_counter()
-        print(f"[{i}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
-        try:
-            execute(run, plan.preset, keep_checkpoints)
-        except RuntimeError as e:
-            failures.append(str(e))
-            print(f"FAILED\n{e}", flush=True)
-            continue
-        dt = time.perf_counter() - t0
-        ratios.append(dt / max(run.estimate_s, 1e-9))
-        rows = report.read_rows(run.out_dir / "metrics.jsonl")
-        acc = report.series(rows, "val/accuracy")
-        shown = f"val acc {acc[0][1]:.3f} -> {acc[-1][1]:.3f}, " if acc else ""
-        # Median of actual/estimated: one run slowed by a neighbour's burst does not skew it.
-        left = sum(r.estimate_s for r in todo[i:]) * statistics.median(ratios)
-        print(f"done in {fmt_s(dt)} ({shown}ETA {fmt_s(left)})", flush=True)
+        execute(run, plan.preset, keep_checkpoints)
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        remaining = {pool.submit(timed, run): run for run in todo}
+        while remaining:
+            finished, _ = wait(remaining, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: todo.index(remaining[f])):
+                run = remaining.pop(fut)
+                done += 1
+                print(f"[{done}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
+                try:
+                    dt = fut.result()
+                except RuntimeError as e:
+                    failures.append(str(e))
+                    print(f"FAILED\n{e}", flush=True)
+                    continue
+                ratios.append(dt / max(run.estimate_s, 1e-9))
+                rows = report.read_rows(run.out_dir / "metrics.jsonl")
+                acc = report.series(rows, "val/accuracy")
+                shown = f"val acc {acc[0][1]:.3f} -> {acc[-1][1]:.3f}, " if acc else ""
+                # Median of actual/estimated: one run slowed by a neighbour's burst does not skew it.
+                left = sum(r.estimate_s for r in remaining.values()) * statistics.median(ratios) / max(1, jobs)
+                print(f"done in {fmt_s(dt)} ({shown}ETA {fmt_s(left)})", flush=True)
     return failures
 
 
@@ -302,11 +324,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at once (default: usable cores / threads per run, 2 on a 2-core machine)")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     args.seeds = SEEDS[mode] if args.seeds is None else args.seeds
     if args.seeds < 1:
         p.error(f"--seeds: expected an int >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs: expected an int >= 1, got {args.jobs}")
     return args
 
 
@@ -344,17 +370,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     todo = [] if args.report_only else [r for r in plan.runs if not run_finished(r, preset)]
-    print_plan(plan, mode, todo)
+    jobs = args.jobs or default_jobs()
+    print_plan(plan, mode, todo, jobs)
     if args.seeds < SEEDS["full"]:
         print(f"note: {args.seeds} seed(s); the experiments call for at least {SEEDS['full']}")
     if args.dry_run:
         return 0
     t0 = time.perf_counter()
     coarse = None if args.report_only else prepare_coarse(plan, data_files, todo)
-    failures = run_all(plan, todo, args.keep_checkpoints)
+    failures = run_all(plan, todo, args.keep_checkpoints, jobs)
     meta = {"mode": mode, "task": args.task, "preset": str(preset), "mode_overrides": plan.mode_overrides,
             "seeds": plan.seeds, "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
-            "coarse_data": coarse, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+            "coarse_data": coarse, "jobs": None if args.report_only else jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
             "shared_runs": plan.shared}
     rows = [{"group": s.group, "label": s.label, "slug": s.slug, "algorithm": s.algorithm,
              "overrides": list(s.overrides), "run": plan.run_of[s.slug],

@@ -294,3 +294,42 @@ def test_coarse_data_is_made_once_by_filter_coarse(tmp_path, monkeypatch):
     assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40) == out and len(specs) == 1
     assert xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40, seed=1) == out and len(specs) == 2
     assert json.loads(out.with_suffix(".json").read_text())["seed"] == 1
+
+
+# ------------------------------------------------------------------------------- running
+def test_run_all_runs_jobs_at_once_and_reports_every_run(tmp_path, monkeypatch, capsys):
+    """--jobs N keeps N runs in flight (one waits for the other here), prints every run once in
+    plan order of completion, and reports a failing run without stopping the others."""
+    import threading
+
+    preset = _preset(tmp_path, steps=4)
+    plan = _plan(tmp_path, preset, [rx.all_settings()[0]], seeds=(1, 2, 3, 4))
+    both_started = threading.Barrier(2, timeout=10)
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def fake_execute(run, preset_path, keep):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        if run.seed in (1, 2):
+            both_started.wait()  # deadlocks (BrokenBarrierError) unless two runs overlap
+        with lock:
+            in_flight[0] -= 1
+        if run.seed == 3:
+            raise RuntimeError("run grpo_clean_seed3 exited with status 2")
+        _write_run(run.out_dir, 4, [0.3, 0.3, 0.5], [0.5] * 4)
+
+    monkeypatch.setattr(rx, "execute", fake_execute)
+    failures = rx.run_all(plan, plan.runs, keep_checkpoints=False, jobs=2)
+    out = capsys.readouterr().out
+    assert peak[0] == 2
+    assert failures == ["run grpo_clean_seed3 exited with status 2"]
+    assert sorted(f"grpo_clean_seed{k}" for k in (1, 2, 3, 4)) == sorted(
+        line.split()[1] for line in out.splitlines() if line.startswith("["))
+    assert out.count("FAILED") == 1 and out.count("val acc 0.300 -> 0.500") == 3
+
+
+def test_jobs_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        rx.parse_args(["--jobs", "0"])
+    assert "--jobs: expected an int >= 1, got 0" in capsys.readouterr().err
