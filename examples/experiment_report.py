@@ -47,6 +47,10 @@ COMPARED_GROUPS = ("main", "noisy", "coarse")
 """Groups holding a GRPO and an ICPO line: ICPO - GRPO within the group."""
 BASELINE = ("main", "grpo")
 """The ablation groups' lines (omega schedules, delta) are compared with GRPO of ``main``."""
+ABLATION_REFERENCES = {"omega": "icpo_omega_constant", "delta": "icpo_delta0.5"}
+"""And with one line of their own group, as the paper compares them: every omega schedule with
+no decay (Table 4's "No decay", schedule ``constant``), every delta with 0.5 (Table 6's value
+for models under 4B, the preset's)."""
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
         2.052, 2.048, 2.045, 2.042)
@@ -176,8 +180,9 @@ def paired(a: dict, b: dict) -> dict:
 
 
 def compare(summaries: list[dict]) -> list[dict]:
-    """Paired differences: ICPO - GRPO within each of :data:`COMPARED_GROUPS`, and every line of
-    the other groups (omega schedules, delta) minus :data:`BASELINE` (GRPO on clean rewards)."""
+    """Paired differences: ICPO - GRPO within each of :data:`COMPARED_GROUPS`; every line of
+    the other groups (omega schedules, delta) minus :data:`BASELINE` (GRPO on clean rewards),
+    then minus its group's line named in :data:`ABLATION_REFERENCES`."""
     out = []
     base = next((s for s in summaries if (s["group"], s["algorithm"]) == BASELINE), None)
     for group in dict.fromkeys(s["group"] for s in summaries):
@@ -186,8 +191,12 @@ def compare(summaries: list[dict]) -> list[dict]:
             by_algo = {s["algorithm"]: s for s in lines}
             if set(by_algo) == {"grpo", "icpo"}:
                 out.append(paired(by_algo["icpo"], by_algo["grpo"]))
-        elif base is not None:
-            out += [paired(s, base) for s in lines]
+        else:
+            if base is not None:
+                out += [paired(s, base) for s in lines]
+            ref = next((s for s in lines if s["slug"] == ABLATION_REFERENCES.get(group)), None)
+            if ref is not None:
+                out += [paired(s, ref) for s in lines if s is not ref]
     return out
 
 

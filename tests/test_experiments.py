@@ -333,3 +333,26 @@ def test_jobs_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         rx.parse_args(["--jobs", "0"])
     assert "--jobs: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_ablations_are_also_paired_within_their_group(tmp_path):
+    """Omega schedules minus no decay (Table 4's reference), delta values minus 0.5."""
+    exp = tmp_path / "exp"
+
+    def line(group, label, slug, name, last):
+        for k in (1, 2):
+            _write_run(exp / f"{name}{k}", 4, [0.3, 0.4, last + k / 100], [0.5] * 4)
+        return {**_setting(group, label, "icpo", {k: exp / f"{name}{k}" for k in (1, 2)}), "slug": slug}
+
+    settings = [line("omega", "ICPO warmup_decay", "icpo_omega_warmup_decay", "w", 0.6),
+                line("omega", "ICPO constant", "icpo_omega_constant", "c", 0.5),
+                line("delta", "ICPO delta=0.3", "icpo_delta0.3", "d", 0.45),
+                line("delta", "ICPO delta=0.5", "icpo_delta0.5", "e", 0.5)]
+    rep.write_report(exp, settings, {"mode": "test", "seeds": [1, 2]})
+    cmps = json.loads((exp / "results.json").read_text())["comparisons"]
+    got = {(c["label"], c["baseline"]): c["final_val_acc"]["diffs"] for c in cmps}
+    assert set(got) == {("ICPO warmup_decay", "omega ICPO constant"), ("ICPO delta=0.3", "delta ICPO delta=0.5")}
+    assert got[("ICPO warmup_decay", "omega ICPO constant")] == pytest.approx([0.1, 0.1])
+    assert got[("ICPO delta=0.3", "delta ICPO delta=0.5")] == pytest.approx([-0.05, -0.05])
+    md = (exp / "results.md").read_text()
+    assert "| omega | ICPO warmup_decay | omega ICPO constant | +10.0 [+10.0, +10.0] | 2/2 |" in md
