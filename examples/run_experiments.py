@@ -25,7 +25,8 @@ so an interrupted invocation resumes where it stopped::
     python examples/run_experiments.py --report-only   # rebuild the report from finished runs
 
 Runs go under ``--out`` (default ``outputs/experiments``, ``outputs/experiments_quick`` with
-``--quick``): ``data/``, ``runs/<name>_seed<k>/`` (metrics, config, train.log). The report --
+``--quick``; ``--task arithmetic`` adds ``_arithmetic`` to the default folders): ``data/``,
+``runs/<name>_seed<k>/`` (metrics, config, train.log). The report --
 ``results.md``, ``results.json``, ``plots/*.png`` (``experiment_report.py``) -- goes to
 ``--results`` (default ``results/experiments`` in the repository for the full mode, the
 ``--out`` folder for ``--quick``).
@@ -49,8 +50,10 @@ import experiment_data as data  # noqa: E402  (sibling modules; examples/ is not
 import experiment_report as report  # noqa: E402
 
 TRAIN_SCRIPT = HERE / "train_icpo.py"
-PRESETS = {"routes": HERE / "configs" / "routes_cpu.yaml", "arithmetic": HERE / "configs" / "tiny_cpu.yaml"}
-PRESET = PRESETS["routes"]
+PRESET = HERE / "configs" / "routes_cpu.yaml"
+TASK_OVERRIDES = {"routes": (), "arithmetic": ("model.path=icpo/tiny", "rollout.max_response_length=64")}
+"""Both tasks run the Table 6-shaped preset; ``arithmetic`` swaps in ``icpo/tiny`` and the
+response length of its quick-start preset (its worked solutions are longer)."""
 RESULTS_DIR = HERE.parent / "results" / "experiments"
 NOISE = ("reward.noise_fraction=0.4", "reward.noise_magnitude=0.3")
 SCHEDULES = ("warmup_decay", "warmup_retention", "linear_decay", "constant")
@@ -314,11 +317,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", default="routes", choices=data.TASKS,
                    help="routes: the two-route testbed (default); arithmetic: icpo/tiny's task")
     p.add_argument("--out", default=None,
-                   help="experiment folder (default outputs/experiments, --quick: outputs/experiments_quick)")
+                   help="experiment folder (default outputs/experiments[_arithmetic][_quick])")
     p.add_argument("--results", default=None,
-                   help="report folder (default results/experiments; --quick: the --out folder)")
+                   help="report folder (default results/experiments[_arithmetic]; --quick: the --out folder)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 8; --quick: 2)")
-    p.add_argument("--config", default=None, help="preset YAML (default: the task's CPU preset)")
+    p.add_argument("--config", default=None, help="preset YAML (default: examples/configs/routes_cpu.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra dotted overrides for every run (after the mode's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
@@ -358,13 +361,16 @@ def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run]) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    exp_dir = Path(args.out or ("outputs/experiments_quick" if args.quick else "outputs/experiments")).resolve()
-    results_dir = Path(args.results).resolve() if args.results else (exp_dir if args.quick else RESULTS_DIR)
-    preset = Path(args.config or PRESETS[args.task]).resolve()
+    suffix = ("" if args.task == "routes" else f"_{args.task}")
+    exp_dir = Path(args.out or f"outputs/experiments{suffix}{'_quick' if args.quick else ''}").resolve()
+    results_dir = (Path(args.results).resolve() if args.results
+                   else exp_dir if args.quick else RESULTS_DIR.with_name(RESULTS_DIR.name + suffix))
+    preset = Path(args.config or PRESET).resolve()
     try:
         settings = select_settings(args.only, args.quick)
         data_files = data.ensure_data(exp_dir, args.task, *DATA_SIZES[mode])
-        plan = make_plan(settings, list(range(1, args.seeds + 1)), [*MODE_OVERRIDES[mode], *args.set],
+        plan = make_plan(settings, list(range(1, args.seeds + 1)),
+                         [*TASK_OVERRIDES[args.task], *MODE_OVERRIDES[mode], *args.set],
                          exp_dir, data_files, preset)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -356,3 +356,23 @@ def test_ablations_are_also_paired_within_their_group(tmp_path):
     assert got[("ICPO delta=0.3", "delta ICPO delta=0.5")] == pytest.approx([-0.05, -0.05])
     md = (exp / "results.md").read_text()
     assert "| omega | ICPO warmup_decay | omega ICPO constant | +10.0 [+10.0, +10.0] | 2/2 |" in md
+
+
+def test_arithmetic_task_runs_the_table6_preset_on_icpo_tiny(tmp_path, monkeypatch, capsys):
+    """--task arithmetic: same Table 6-shaped preset (clip 0.2/0.2, G=5), icpo/tiny, and its own
+    default folders so it never mixes with the routes runs or overwrites their results."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(rx.DATA_SIZES, "full", (16, 4))
+    monkeypatch.setattr(rx, "RESULTS_DIR", tmp_path / "results" / "experiments")
+    assert rx.main(["--task", "arithmetic", "--only", "main", "--seeds", "1", "--dry-run"]) == 0
+    assert "mode overrides: model.path=icpo/tiny rollout.max_response_length=64" in capsys.readouterr().out
+    assert (tmp_path / "outputs" / "experiments_arithmetic" / "data" / "train.jsonl").is_file()
+    assert not (tmp_path / "outputs" / "experiments").exists()
+    data = (tmp_path / "d" / "train.jsonl", tmp_path / "d" / "val.jsonl")
+    plan = rx.make_plan(rx.select_settings("main", False), [1], list(rx.TASK_OVERRIDES["arithmetic"]),
+                        tmp_path / "exp", data)
+    cfg = load_config(rx.PRESET, plan.runs[0].overrides)
+    assert (cfg.model.path, cfg.rollout.n, cfg.actor.clip_low, cfg.actor.clip_high) == ("icpo/tiny", 5, 0.2, 0.2)
+    assert rx.main(["--task", "arithmetic", "--only", "main", "--seeds", "1", "--report-only"]) == 0
+    assert (tmp_path / "results" / "experiments_arithmetic" / "results.md").is_file()
+    assert not (tmp_path / "results" / "experiments").exists()
