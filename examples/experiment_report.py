@@ -167,9 +167,9 @@ def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
 
 
 def paired(a: dict, b: dict) -> dict:
-    """``a - b`` paired by seed, for final held-out accuracy and validation AUC."""
+    """``a - b`` paired by seed, for final held-out accuracy, validation AUC and final entropy."""
     out = {"label": a["label"], "group": a["group"], "baseline": f"{b['group']} {b['label']}"}
-    for key in ("final_val_acc", "val_auc"):
+    for key in ("final_val_acc", "val_auc", "final_entropy"):
         va = {p["seed"]: p[key] for p in a["per_seed"] if p[key] is not None}
         vb = {p["seed"]: p[key] for p in b["per_seed"] if p[key] is not None}
         seeds = sorted(set(va) & set(vb))
@@ -207,14 +207,15 @@ def _pm(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def _ci(stat: dict) -> str:
-    """``+1.2 [-0.3, +2.7]`` in points (no interval under two seeds)."""
+def _ci(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
+    """``+1.2 [-0.3, +2.7]``, in points by default (no interval under two seeds)."""
     if stat["mean"] is None:
         return "n/a"
+    f = lambda v: f"{scale * v:+.{digits}f}"  # noqa: E731
     if stat["ci95"] is None:
-        return f"{100 * stat['mean']:+.1f}"
+        return f(stat["mean"])
     lo, hi = stat["ci95"]
-    return f"{100 * stat['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{f(stat['mean'])} [{f(lo)}, {f(hi)}]"
 
 
 def _cell(v: float | None) -> str:
@@ -242,13 +243,15 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
                      f"| {s['final_val_acc']['n']} |")
     if comparisons:
         lines += ["", "## Paired differences (points; mean over seeds [95 % t-interval])", "",
-                  "| group | setting | minus | final acc. | better in | val. AUC | better in | final acc. per seed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| group | setting | minus | final acc. | better in | val. AUC | better in "
+                  "| final entropy (nats) | final acc. per seed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
             f, a = c["final_val_acc"], c["val_auc"]
             per = ", ".join(f"{d * 100:+.1f}" for d in f["diffs"])
+            ent = _ci(c["final_entropy"], scale=1.0, digits=3) if "final_entropy" in c else "n/a"
             lines.append(f"| {c['group']} | {c['label']} | {c['baseline']} | {_ci(f)} | {f['wins']}/{f['n']} "
-                         f"| {_ci(a)} | {a['wins']}/{a['n']} | {per} |")
+                         f"| {_ci(a)} | {a['wins']}/{a['n']} | {ent} | {per} |")
     cols = [(k, label) for k, label in DIAG_KEYS if any(s["diagnostics"][k] is not None for s in summaries)]
     if cols:
         lines += ["", "## Why: diagnostics (mean over training steps, then over seeds)", "",

@@ -172,12 +172,14 @@ def test_report_aggregates_over_seeds(tmp_path):
     # AUC of (0, 0.3), (2, 0.35), (4, acc) by trapezoids over a span of 4 steps: (1.0 + acc) / 4.
     assert i["val_auc"]["mean"] == pytest.approx(statistics.fmean((1.0 + a) / 4 for a in icpo_acc.values()))
     assert cmp["val_auc"]["diffs"] == pytest.approx([d / 4 for d in diffs])
+    assert cmp["final_entropy"]["diffs"] == pytest.approx([-0.1] * 3) and cmp["final_entropy"]["wins"] == 0
 
     md = (exp / "results.md").read_text()
     mean, std = statistics.fmean(icpo_acc.values()), statistics.stdev(icpo_acc.values())
     assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | " in md and " | 0.520 ± 0.010 | 0.300 | 3 |" in md
     lo, hi = f["ci95"]
     assert f"| main | ICPO | main GRPO | {100 * f['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | 2/3 |" in md
+    assert "| -0.100 [-0.100, -0.100] |" in md  # paired final entropy, in nats
     assert "coarse" not in md.split("## Why")[1].split("How to read")[0]  # no coarse column/rows
     pngs = [p for p in written if p.suffix == ".png"]
     assert {p.name for p in pngs} == {"main.png", "diagnostics_main.png"}
@@ -260,7 +262,8 @@ def test_report_only_cli_reads_finished_runs(tmp_path, monkeypatch, capsys):
     assert got["mean"] == pytest.approx(statistics.fmean(aucs)) and got["std"] == pytest.approx(statistics.stdev(aucs))
     auc = f"{got['mean']:.3f} ± {got['std']:.3f}"  # 0.3375 rounds either way in binary
     assert f"| main | GRPO | GRPO | 0.450 ± 0.071 | {auc} | 0.500 ± 0.000 | 0.300 | 2 |" in md
-    assert "| main | ICPO | main GRPO | +0.0 [+0.0, +0.0] | 0/2 | +0.0 [+0.0, +0.0] | 0/2 | +0.0, +0.0 |" in md
+    assert ("| main | ICPO | main GRPO | +0.0 [+0.0, +0.0] | 0/2 | +0.0 [+0.0, +0.0] | 0/2 "
+            "| +0.000 [+0.000, +0.000] | +0.0, +0.0 |") in md
     assert "0.450 ± 0.071" in capsys.readouterr().out
 
 
