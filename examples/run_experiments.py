@@ -339,14 +339,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run]) -> dict | None:
-    """Writes the coarse data when a planned run needs it; returns its stats (None if unused)."""
+def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run], make: bool = True) -> dict | None:
+    """Writes the coarse data when a planned run needs it (``make``); returns its stats with
+    repository-relative paths (None if unused or not made)."""
     if not any(s.coarse for s in plan.settings):
         return None
     from icpo.config import load_config
 
     path = data.coarse_path(data_files[0])
-    if todo or not path.is_file():
+    if make and (todo or not path.is_file()):
         cfg = load_config(plan.preset, plan.mode_overrides)
         t0 = time.perf_counter()
         print(f"coarse data: {cfg.model.path} samples G={cfg.rollout.n} per training prompt ...", end=" ", flush=True)
@@ -355,7 +356,20 @@ def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run]) -
             raise RuntimeError(f"coarse data written to {made}, planned at {path}")
         print(f"done in {fmt_s(time.perf_counter() - t0)}", flush=True)
     stats = path.with_suffix(".json")
-    return json.loads(stats.read_text()) if stats.is_file() else None
+    if not stats.is_file():
+        return None
+    out = json.loads(stats.read_text())
+    out["output"] = shown(out.get("output", path))
+    out["train_files"] = [shown(f) for f in out.get("train_files", [])]
+    return out
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it: the committed report names no machine."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     t0 = time.perf_counter()
-    coarse = None if args.report_only else prepare_coarse(plan, data_files, todo)
+    coarse = prepare_coarse(plan, data_files, todo, make=not args.report_only)
     failures = run_all(plan, todo, args.keep_checkpoints, jobs)
-    meta = {"mode": mode, "task": args.task, "preset": str(preset), "mode_overrides": plan.mode_overrides,
+    meta = {"mode": mode, "task": args.task, "preset": shown(preset), "mode_overrides": plan.mode_overrides,
             "seeds": plan.seeds, "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
-            "coarse_data": coarse, "jobs": None if args.report_only else jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+            "coarse_data": coarse, "report_only": args.report_only,
+            **({} if args.report_only else {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1)}),
             "shared_runs": plan.shared}
     rows = [{"group": s.group, "label": s.label, "slug": s.slug, "algorithm": s.algorithm,
              "overrides": list(s.overrides), "run": plan.run_of[s.slug],
@@ -395,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                       for k in plan.seeds]}
             for s in settings]
     written = report.write_report(results_dir, rows, meta)
-    print(f"wall time: {fmt_s(meta['wall_s_this_invocation'])}")
+    print(f"wall time: {fmt_s(time.perf_counter() - t0)}")
     print("\n".join(f"wrote {p}" for p in written))
     print((results_dir / "results.md").read_text().split("\n## ")[1].split("\n", 1)[1])
     if failures:

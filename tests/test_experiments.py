@@ -379,3 +379,9 @@ def test_arithmetic_task_runs_the_table6_preset_on_icpo_tiny(tmp_path, monkeypat
     assert rx.main(["--task", "arithmetic", "--only", "main", "--seeds", "1", "--report-only"]) == 0
     assert (tmp_path / "results" / "experiments_arithmetic" / "results.md").is_file()
     assert not (tmp_path / "results" / "experiments").exists()
+
+
+def test_report_names_repository_paths_relative(tmp_path):
+    """The committed results name no machine: paths inside the repository are relative."""
+    assert rx.shown(rx.PRESET) == "examples/configs/routes_cpu.yaml"
+    assert rx.shown(tmp_path / "x.yaml") == str(tmp_path / "x.yaml")
