@@ -318,6 +318,8 @@ def plot_group(path: Path, title: str, summaries: list[dict], panels) -> Path | 
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)  # the grid's unused cells
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -372,6 +372,18 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def previous_timing(path: Path, mode: str, seeds: list[int]) -> dict:
+    """``--report-only`` keeps how the runs were made (jobs, wall time) from the report it
+    replaces, when that report was of the same mode and seeds."""
+    try:
+        old = json.loads(path.read_text())["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if (old.get("mode"), old.get("seeds")) != (mode, seeds):
+        return {}
+    return {k: old[k] for k in ("jobs", "wall_s_this_invocation") if k in old}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": mode, "task": args.task, "preset": shown(preset), "mode_overrides": plan.mode_overrides,
             "seeds": plan.seeds, "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
             "coarse_data": coarse, "report_only": args.report_only,
-            **({} if args.report_only else {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1)}),
+            **(previous_timing(results_dir / "results.json", mode, plan.seeds) if args.report_only
+               else {"jobs": jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}),
             "shared_runs": plan.shared}
     rows = [{"group": s.group, "label": s.label, "slug": s.slug, "algorithm": s.algorithm,
              "overrides": list(s.overrides), "run": plan.run_of[s.slug],

@@ -385,3 +385,11 @@ def test_report_names_repository_paths_relative(tmp_path):
     """The committed results name no machine: paths inside the repository are relative."""
     assert rx.shown(rx.PRESET) == "examples/configs/routes_cpu.yaml"
     assert rx.shown(tmp_path / "x.yaml") == str(tmp_path / "x.yaml")
+
+
+def test_report_only_keeps_the_timing_of_the_runs(tmp_path):
+    old = tmp_path / "results.json"
+    old.write_text(json.dumps({"meta": {"mode": "full", "seeds": [1, 2], "jobs": 2, "wall_s_this_invocation": 3.5}}))
+    assert rx.previous_timing(old, "full", [1, 2]) == {"jobs": 2, "wall_s_this_invocation": 3.5}
+    assert rx.previous_timing(old, "full", [1, 2, 3]) == {}  # another plan: its timing says nothing
+    assert rx.previous_timing(tmp_path / "missing.json", "full", [1, 2]) == {}
