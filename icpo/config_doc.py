@@ -2,19 +2,22 @@
 
 ``icpo train --help`` lists every field with :func:`help_text`; ``docs/config.md`` is
 :func:`markdown`, written by ``python tools/gen_config_doc.py`` and checked against this module
-by ``tests/test_config_doc.py``, so neither can drift from the code.
+by ``tests/test_config_doc.py``, so neither can drift from the code. :func:`field_docs` (also
+importable from ``icpo.config``) gives the same docstrings by dotted field name.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import icpo.config
-from icpo.config import Config, _describe
+from icpo.config import Config
+from icpo.config_load import _describe
 
 
 class Field(NamedTuple):
@@ -42,20 +45,32 @@ def _show(value: Any) -> str:
     return str(value) if not isinstance(value, str) else value
 
 
+def _class_docs(node: ast.ClassDef) -> dict[str, str]:
+    """Field -> the string literal right after its annotated assignment, in one class body."""
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(node.body, node.body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
 def _attribute_docs() -> dict[str, dict[str, str]]:
     """Class name -> field -> attribute docstring, for every class in icpo/config.py, from one
     parse of the file (``field_docs`` per class re-parses the module each time: ~1 s)."""
     tree = ast.parse(Path(icpo.config.__file__).read_text(encoding="utf-8"))
-    out: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            docs = out.setdefault(node.name, {})
-            for stmt, nxt in zip(node.body, node.body[1:]):
-                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                        and isinstance(nxt.value.value, str)):
-                    docs[stmt.target.id] = nxt.value.value
-    return out
+    return {node.name: _class_docs(node) for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> its attribute docstring, for every field of ``cls`` recursively."""
+    node = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {prefix + k: v.strip() for k, v in _class_docs(node).items()}  # type: ignore[arg-type]
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            docs.update(field_docs(tp, f"{prefix}{name}."))
+    return docs
 
 
 def fields(cls: type = Config, prefix: str = "", _docs: dict | None = None) -> list[Field]:

@@ -83,13 +83,13 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(train_file, tmp_p
     """The loss turns NaN from step 2 on (injected): steps 2 and 3 are skipped without touching
     weights, Adam's moments or the lr schedule; the second consecutive skip
     (trainer.max_skipped_steps=2) stops the run."""
-    import icpo.trainer.trainer as trainer_mod
+    import icpo.trainer.update as update_mod
 
     out = tmp_path / "run"
     cfg = make_cfg(train_file, out, "actor.lr=1e-3", "trainer.total_steps=5",
                    "trainer.save_every=0", "trainer.max_skipped_steps=2")
     trainer = Trainer(cfg)
-    real_loss, snapshots = trainer_mod.grpo_loss, {}
+    real_loss, snapshots = update_mod.grpo_loss, {}
 
     def poisoned_loss(*a, **k):
         loss, m = real_loss(*a, **k)
@@ -103,7 +103,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(train_file, tmp_p
                                     optimizer_state(self), self.engines.scheduler.last_epoch)
         return result
 
-    monkeypatch.setattr(trainer_mod, "grpo_loss", poisoned_loss)
+    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
     monkeypatch.setattr(Trainer, "train_step", spy)
     with pytest.raises(TrainingStopped, match=r"stopped at step 3: 2 consecutive .* skipped"):
         trainer.train()

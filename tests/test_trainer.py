@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import icpo.trainer.trainer as trainer_mod
+import icpo.trainer.update as update_mod
 from launch import clean_env, free_port
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import config_from_dict
@@ -234,6 +235,7 @@ def test_fused_scoring_and_update_match_separate_passes(tiny_random_model_dir, t
     """One mini-batch that fits one micro-batch: the trainer scores it with grad and reuses that
     forward for the update. The gradient must be what separate passes give."""
     real_logprobs = trainer_mod.response_logprobs
+    assert update_mod.response_logprobs is real_logprobs
     runs = {}
     for name, budget in (("fused", 8192), ("separate", 256)):  # 256: one sample per micro-batch
         calls = []
@@ -242,7 +244,8 @@ def test_fused_scoring_and_update_match_separate_passes(tiny_random_model_dir, t
             calls.append(1)
             return real_logprobs(*a, **k)
 
-        monkeypatch.setattr(trainer_mod, "response_logprobs", counting)
+        monkeypatch.setattr(trainer_mod, "response_logprobs", counting)  # the scoring pass
+        monkeypatch.setattr(update_mod, "response_logprobs", counting)  # the update's forwards
         out = tmp_path / name
         trainer = Trainer(make_cfg(tiny_random_model_dir, task_data, out,
                                    "actor.ppo_mini_batch_size=4", "trainer.eval_every=0",

@@ -4,7 +4,8 @@ One step (docs/architecture.md): sample G responses per prompt; verifiable rewar
 noise / mixed-group drop); old log-probs and entropy with the fused kernel on packed sequences;
 confidence = segment mean of old log-probs; reference log-probs; ICPO or GRPO advantages;
 ``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts, each a DeepSpeed
-step over token-budget micro-batches; weights pushed to the rollout engine.
+step over token-budget micro-batches (icpo/trainer/update.py); weights pushed to the rollout
+engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from icpo import ops
-from icpo.algorithms import compute_advantages, default_delta, grpo_loss, omega_at
+from icpo.algorithms import compute_advantages, default_delta, omega_at
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler
@@ -28,16 +29,17 @@ from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
 from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available, make_rollout_engine
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
-from icpo.trainer.batching import micro_batches, segment_positions
+from icpo.trainer.batching import micro_batches
 from icpo.trainer.evaluate import evaluate
-from icpo.trainer.guard import Guard, optimizer_step
+from icpo.trainer.guard import Guard
 from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, resume_hint
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
-from icpo.trainer.scoring import filler_batch, response_logprobs, score_all
+from icpo.trainer.scoring import response_logprobs, score_all
 from icpo.models import resolve_model_path
 from icpo.trainer.preflight import preflight
 from icpo.trainer.run_folder import find_resumable
 from icpo.trainer.setup import build_engines, load_tokenizer
+from icpo.trainer.update import PolicyUpdate
 from icpo.runtime import apply_num_threads
 
 
@@ -106,6 +108,9 @@ class Trainer:
         self.step = 0
         self.guard = Guard(cfg.trainer.max_skipped_steps, cfg.trainer.collapse_entropy_frac,
                            self.engines.actor.module.config.vocab_size)
+        self.policy_update = PolicyUpdate(cfg, self.engines, self.guard, self.device,
+                                          self.tokenizer.pad_token_id, world=self.world,
+                                          mini_prompts=self.mini_prompts, lockstep=self.lockstep)
         if pre.checkpoint is not None:
             state = ckpt.load_checkpoint(pre.checkpoint, self.engines.actor)
             self.step = state["step"]
@@ -170,92 +175,11 @@ class Trainer:
 
     def _update(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int,
                 fused=None) -> dict:
-        """``ppo_epochs`` passes over mini-batches of prompts; each a DeepSpeed step. ``fused``:
-        the (log-prob, entropy) of all samples with grad, when the scoring pass already ran the
-        only mini-batch's forward (see ``_learn``)."""
-        cfg, actor, n = self.cfg, self.engines.actor, self.cfg.rollout.n
-        num_groups = len(ro.response_ids) // n
-        offsets = resp_cu.tolist()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        # Every rank must take as many optimizer steps (each reduces gradients over ranks), but
-        # drop_mixed_groups leaves ranks with different numbers of groups: the short ones take
-        # steps on empty mini-batches (zero gradient).
-        local_steps = -(-num_groups // self.mini_prompts)
-        per_epoch = max(1, int(dist.all_gather_floats(torch.tensor([float(local_steps)])).max()))
-        gen = torch.Generator().manual_seed(step_seed(cfg.trainer.seed + 1, step, self.rank))
-        for _ in range(cfg.actor.ppo_epochs):
-            order = torch.randperm(num_groups, generator=gen).tolist()
-            for start in range(0, per_epoch * self.mini_prompts, self.mini_prompts):
-                groups = order[start:start + self.mini_prompts]
-                idx = [g * n + j for g in groups for j in range(n)]
-                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok,
-                                              fused if start == 0 else None)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-        # Skipped optimizer steps are counted, everything else averaged over the mini-batches.
-        return {k: v if k.startswith("guard/") else v / counts[k] for k, v in sums.items()}
-
-    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok, fused=None) -> dict:
-        cfg, actor = self.cfg, self.engines.actor
-        cu = torch.tensor(offsets, dtype=torch.int64)
-        local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
-        global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
-        sums: dict[str, float] = {}
-        batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
-                                cfg.actor.max_tokens_per_micro_batch)
-        padding, bad_loss = 0, False
-        if actor.zero_optimization_partition_gradients():
-            # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
-            # backward passes; token-budget packing gives ranks different micro-batch counts.
-            most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
-            padding = most - len(batches)
-        for mb in batches:
-            sel = segment_positions(cu, mb.idx)  # this micro-batch's tokens in the step's order
-            mb = mb.to(self.device)
-            if fused is not None:  # this batch's forward already ran, with grad, in _learn
-                logp = fused[0][sel.to(self.device)]
-                ent = fused[1][sel.to(self.device)] if cfg.actor.entropy_coef > 0 else None
-            else:
-                logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
-                                              with_entropy=cfg.actor.entropy_coef > 0,
-                                              lockstep=self.lockstep)
-            loss, m = grpo_loss(
-                logp, old_logp[sel].to(self.device),
-                None if ref_logp is None else ref_logp[sel].to(self.device), ent,
-                adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
-                cfg.rollout.max_response_length, global_tokens=global_tokens,
-                global_seqs=global_seqs, num_micro_batches=len(batches))
-            bad_loss = bad_loss or not bool(torch.isfinite(loss.detach()))
-            actor.backward(loss, scale_wrt_gas=False)
-            # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
-            # means of this micro-batch, weighted here by its token count.
-            w = m.pop("num_tokens")
-            m.pop("num_seqs", None)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else w)
-            sums["_tokens"] = sums.get("_tokens", 0.0) + w
-        for _ in range(padding):
-            self._zero_backward()
-        tokens = sums.pop("_tokens", 0.0)
-        sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
-        skipped, grad_norm = optimizer_step(actor, bad_loss)
-        self.guard.record(skipped, self.step + 1, may_stop=not actor.fp16_enabled())
-        sums["guard/skipped_steps"] = float(skipped)
-        if grad_norm is None:
-            gn = actor.get_global_grad_norm()
-            grad_norm = float(gn) if gn is not None else float("nan")
-        sums["actor/grad_norm"] = grad_norm
-        sums["actor/lr"] = self.engines.optimizer.param_groups[0]["lr"]
-        return sums
-
-    def _zero_backward(self) -> None:
-        """A backward pass through the whole model that adds nothing to any gradient."""
-        mb = filler_batch(self.device, self.tokenizer.pad_token_id)
-        logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
-                                    with_entropy=False, lockstep=self.lockstep)
-        self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+        """The PPO updates of this step (icpo/trainer/update.py). ``fused``: the (log-prob,
+        entropy) of all samples with grad, when the scoring pass already ran the only
+        mini-batch's forward (see ``_learn``)."""
+        seed = step_seed(self.cfg.trainer.seed + 1, step, self.rank)  # mini-batch order
+        return self.policy_update(ro, old_logp, ref_logp, adv_tok, resp_cu, step, seed, fused)
 
     def _sync_weights(self) -> None:
         """Push the updated policy into the rollout engine; the HF engine shares the module."""

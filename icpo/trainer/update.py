@@ -1,0 +1,126 @@
+"""The policy update of one step: ``ppo_epochs`` passes over mini-batches of prompts, each one
+DeepSpeed optimizer step over token-budget micro-batches.
+
+:class:`PolicyUpdate` holds the wiring (engines, guard, ranks); :meth:`Trainer._update
+<icpo.trainer.trainer.Trainer._update>` calls it once per step with the step's samples, old and
+reference log-probs and per-token advantages. Every rank takes as many optimizer steps and, under
+ZeRO-2/3, as many backward passes as every other, since each of them is a collective.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from icpo.algorithms import grpo_loss
+from icpo.config import Config
+from icpo.trainer import distributed as dist
+from icpo.trainer.batching import micro_batches, segment_positions
+from icpo.trainer.guard import Guard, optimizer_step
+from icpo.trainer.scoring import filler_batch, response_logprobs
+
+if TYPE_CHECKING:
+    from icpo.trainer.setup import Engines
+    from icpo.trainer.trainer import Rollout
+
+
+class PolicyUpdate:
+    """PPO updates of the actor. ``mini_prompts``: prompts per mini-batch on this rank;
+    ``lockstep``: ranks run forwards in step (ZeRO-3 across processes)."""
+
+    def __init__(self, cfg: Config, engines: Engines, guard: Guard, device: torch.device,
+                 pad_token_id: int, *, world: int, mini_prompts: int, lockstep: bool):
+        self.cfg, self.engines, self.guard, self.device = cfg, engines, guard, device
+        self.pad_token_id, self.world = pad_token_id, world
+        self.mini_prompts, self.lockstep = mini_prompts, lockstep
+
+    def __call__(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int, seed: int,
+                 fused=None) -> dict:
+        """``ppo_epochs`` passes over mini-batches of prompts, shuffled by ``seed``; each a
+        DeepSpeed step. ``fused``: the (log-prob, entropy) of all samples with grad, when the
+        scoring pass already ran the only mini-batch's forward (see ``Trainer._learn``)."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        num_groups = len(ro.response_ids) // n
+        offsets = resp_cu.tolist()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        # Every rank must take as many optimizer steps (each reduces gradients over ranks), but
+        # drop_mixed_groups leaves ranks with different numbers of groups: the short ones take
+        # steps on empty mini-batches (zero gradient).
+        local_steps = -(-num_groups // self.mini_prompts)
+        per_epoch = max(1, int(dist.all_gather_floats(torch.tensor([float(local_steps)])).max()))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(cfg.actor.ppo_epochs):
+            order = torch.randperm(num_groups, generator=gen).tolist()
+            for start in range(0, per_epoch * self.mini_prompts, self.mini_prompts):
+                groups = order[start:start + self.mini_prompts]
+                idx = [g * n + j for g in groups for j in range(n)]
+                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok, step,
+                                              fused if start == 0 else None)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        # Skipped optimizer steps are counted, everything else averaged over the mini-batches.
+        return {k: v if k.startswith("guard/") else v / counts[k] for k, v in sums.items()}
+
+    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok, step: int,
+                         fused=None) -> dict:
+        cfg, actor = self.cfg, self.engines.actor
+        cu = torch.tensor(offsets, dtype=torch.int64)
+        local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
+        global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
+        sums: dict[str, float] = {}
+        batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
+                                cfg.actor.max_tokens_per_micro_batch)
+        padding, bad_loss = 0, False
+        if actor.zero_optimization_partition_gradients():
+            # ZeRO-2/3 reduce gradients inside every backward, so every rank must run as many
+            # backward passes; token-budget packing gives ranks different micro-batch counts.
+            most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
+            padding = most - len(batches)
+        for mb in batches:
+            sel = segment_positions(cu, mb.idx)  # this micro-batch's tokens in the step's order
+            mb = mb.to(self.device)
+            if fused is not None:  # this batch's forward already ran, with grad, in _learn
+                logp = fused[0][sel.to(self.device)]
+                ent = fused[1][sel.to(self.device)] if cfg.actor.entropy_coef > 0 else None
+            else:
+                logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
+                                              with_entropy=cfg.actor.entropy_coef > 0,
+                                              lockstep=self.lockstep)
+            loss, m = grpo_loss(
+                logp, old_logp[sel].to(self.device),
+                None if ref_logp is None else ref_logp[sel].to(self.device), ent,
+                adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
+                cfg.rollout.max_response_length, global_tokens=global_tokens,
+                global_seqs=global_seqs, num_micro_batches=len(batches))
+            bad_loss = bad_loss or not bool(torch.isfinite(loss.detach()))
+            actor.backward(loss, scale_wrt_gas=False)
+            # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
+            # means of this micro-batch, weighted here by its token count.
+            w = m.pop("num_tokens")
+            m.pop("num_seqs", None)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else w)
+            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        for _ in range(padding):
+            self._zero_backward()
+        tokens = sums.pop("_tokens", 0.0)
+        sums = {f"actor/{k}": (v if k.endswith("_loss") else v / tokens) for k, v in sums.items()}
+        skipped, grad_norm = optimizer_step(actor, bad_loss)
+        self.guard.record(skipped, step + 1, may_stop=not actor.fp16_enabled())
+        sums["guard/skipped_steps"] = float(skipped)
+        if grad_norm is None:
+            gn = actor.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+        sums["actor/grad_norm"] = grad_norm
+        sums["actor/lr"] = self.engines.optimizer.param_groups[0]["lr"]
+        return sums
+
+    def _zero_backward(self) -> None:
+        """A backward pass through the whole model that adds nothing to any gradient."""
+        mb = filler_batch(self.device, self.pad_token_id)
+        logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
+                                    with_entropy=False, lockstep=self.lockstep)
+        self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
