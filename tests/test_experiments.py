@@ -393,3 +393,15 @@ def test_report_only_keeps_the_timing_of_the_runs(tmp_path):
     assert rx.previous_timing(old, "full", [1, 2]) == {"jobs": 2, "wall_s_this_invocation": 3.5}
     assert rx.previous_timing(old, "full", [1, 2, 3]) == {}  # another plan: its timing says nothing
     assert rx.previous_timing(tmp_path / "missing.json", "full", [1, 2]) == {}
+
+
+def test_readme_quotes_the_committed_results_exactly():
+    """The README's Results table is quoted from results/experiments/results.md: every row it
+    shows starts a row of that file (the README leaves out the per-seed column)."""
+    readme = (ROOT / "README.md").read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    results = (ROOT / "results" / "experiments" / "results.md").read_text().splitlines()
+    groups = tuple(f"| {g} |" for g in rx.GROUP_NAMES)
+    rows = [line for line in readme.splitlines() if line.startswith(groups)]
+    assert len(rows) >= 3
+    missing = [r for r in rows if not any(line.startswith(r) for line in results)]
+    assert missing == []
