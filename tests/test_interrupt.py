@@ -88,8 +88,15 @@ def test_ctrl_c_during_the_update_finishes_the_step(tiny_random_model_dir, data,
         return real_update(self, *a, **k)
 
     monkeypatch.setattr(Trainer, "_update", ctrl_c_in_update)
-    with pytest.raises(TrainingInterrupted) as info:
-        Trainer(cfg).train()
+    # Python's own handler, whatever this process inherited (a background job starts with
+    # SIGINT ignored, which the guard respects; see the test below).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            Trainer(cfg).train()
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     err = capsys.readouterr().err
     assert "finishing this step's update" in err
     assert info.value.checkpoint == str(tmp_path / "c" / "checkpoints" / "step_000001")
@@ -97,7 +104,7 @@ def test_ctrl_c_during_the_update_finishes_the_step(tiny_random_model_dir, data,
     assert state["step"] == 1
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert restored is signal.default_int_handler  # handler restored
 
 
 def test_save_on_interrupt_off(tiny_random_model_dir, data, tmp_path, monkeypatch, capsys):
@@ -145,3 +152,18 @@ def test_sigint_to_icpo_train_saves_and_exits_130(tmp_path, data):
     state = json.loads((saved / "trainer_state.json").read_text())
     logged = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert state["step"] == logged[-1] >= 1
+
+
+def test_sigint_is_handled_even_when_inherited_ignored():
+    """A background job starts with SIGINT ignored; training still turns ``kill -INT`` into a
+    clean stop, and gives the inherited disposition back afterwards."""
+    from icpo.trainer.interrupt import InterruptGuard
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with InterruptGuard(lambda: True) as guard:
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+            signal.raise_signal(signal.SIGINT)  # during an update: only recorded
+        assert guard.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)

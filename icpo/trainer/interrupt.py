@@ -30,7 +30,9 @@ class TrainingInterrupted(Exception):
 class InterruptGuard:
     """Installs a SIGINT handler for the ``with`` block (main thread only; elsewhere it does
     nothing and Python's default applies). ``in_update()`` says whether the model is being
-    changed; while it is, the first Ctrl-C only sets :attr:`requested`."""
+    changed; while it is, the first Ctrl-C only sets :attr:`requested`. It is installed even
+    when the process started with SIGINT ignored (``nohup icpo train ... &`` from a script), so
+    ``kill -INT`` still stops such a run cleanly; the inherited disposition is restored after."""
 
     def __init__(self, in_update: Callable[[], bool]):
         self.in_update = in_update
