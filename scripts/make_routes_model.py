@@ -47,13 +47,7 @@ def train(model, tokenizer, args) -> None:
         exprs = [next(stream) for _ in range(args.batch_size)]
         responses = [pretraining_response(e, rng, args.route_b) for e in exprs]
         ids, labels = base.sft_batch(tokenizer, exprs, responses)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.item()
+        loss_sum += base.sft_step(model, opt, sched, ids, labels)
         if step % args.log_every == 0:
             print(f"step {step:5d}  loss {loss_sum / args.log_every:.4f}  {time.time() - t0:.0f}s", flush=True)
             loss_sum = 0.0

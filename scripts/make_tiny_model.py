@@ -176,6 +176,18 @@ def held_out(split: str, n: int, difficulty: Difficulty) -> list[str]:
     return [r["extra_info"]["expression"] for r in make_records(split, n, difficulty=difficulty)]
 
 
+def sft_step(model, opt, sched, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """One SFT optimizer step on ``(ids, labels)`` (grad clip 1.0); returns the loss. Shared
+    with ``make_routes_model.py``: the op order is part of the byte-reproducible weights."""
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(model, tokenizer, args, difficulty: Difficulty) -> int:
     """SFT until greedy accuracy on held-out ``test`` problems reaches ``args.target_acc``."""
     monitor = held_out("test", args.monitor_n, difficulty)
@@ -186,13 +198,7 @@ def train(model, tokenizer, args, difficulty: Difficulty) -> int:
     t0, loss_sum = time.time(), 0.0
     for step in range(1, args.max_steps + 1):
         ids, labels = sft_batch(tokenizer, [next(stream) for _ in range(args.batch_size)])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.item()
+        loss_sum += sft_step(model, opt, sched, ids, labels)
         if step % args.eval_every == 0:
             acc = evaluate(model, tokenizer, monitor)
             print(f"step {step:5d}  loss {loss_sum / args.eval_every:.4f}  test greedy acc {acc:.3f}  "
