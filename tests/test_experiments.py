@@ -405,3 +405,25 @@ def test_readme_quotes_the_committed_results_exactly():
     assert len(rows) >= 3
     missing = [r for r in rows if not any(line.startswith(r) for line in results)]
     assert missing == []
+
+
+def test_quick_mode_trains_reports_and_resumes(tmp_path):
+    """--quick end to end: real training subprocesses (two at once), the report, and a second
+    invocation that finds both runs finished and trains nothing."""
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "examples" / "run_experiments.py"), "--quick", "--seeds", "1",
+           "--jobs", "2", "--out", str(tmp_path / "q")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "2 runs (0 already done)" in first.stdout and first.stdout.count(" done in ") == 2
+    for name in ("grpo_clean_seed1", "icpo_clean_seed1"):
+        rows = rep.read_rows(tmp_path / "q" / "runs" / name / "metrics.jsonl")
+        assert max(r["step"] for r in rows) == 6
+    res = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert [(s["label"], s["final_val_acc"]["n"]) for s in res["settings"]] == [("GRPO", 1), ("ICPO", 1)]
+    assert res["meta"]["jobs"] == 2 and (tmp_path / "q" / "plots" / "main.png").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert again.returncode == 0 and "2 runs (2 already done)" in again.stdout
+    assert " done in " not in again.stdout
