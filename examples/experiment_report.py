@@ -20,6 +20,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+KEPT = "drop_mixed_groups/kept_group_frac"
+"""Logged by the trainer under ``reward.drop_mixed_groups`` (not the paper's coarse protocol)."""
 BONUS = "icpo/bonus"
 """Derived per step: reward/final/mean - reward/mean, the mean reward ICPO added (0 for GRPO)."""
 DIAG_KEYS = (
@@ -30,7 +32,7 @@ DIAG_KEYS = (
     (BONUS, "ICPO bonus"),
     ("zero_std_group_frac", "zero-std groups"),
     ("advantage/std", "adv. std"),
-    ("coarse/kept_group_frac", "kept groups"),
+    (KEPT, "kept groups"),
     ("premise/correct_less_confident", "correct less conf."),
     ("premise/bonus_at_cap", "bonus at cap"),
     ("accuracy", "train acc."),
@@ -65,9 +67,9 @@ def read_rows(path: str | Path) -> list[dict]:
     rows = read_metrics(path)
     for r in rows:
         final, base = r.get("reward/final/mean"), r.get("reward/mean")
-        # Under the coarse filter reward/final covers only the kept groups, reward/mean all of
-        # them: their difference is not the bonus, so it is not derived there.
-        if _num(final) and _num(base) and "coarse/kept_group_frac" not in r:
+        # Under reward.drop_mixed_groups reward/final covers only the kept groups, reward/mean
+        # all of them: their difference is not the bonus, so it is not derived there.
+        if _num(final) and _num(base) and KEPT not in r:
             r[BONUS] = final - base
     return rows
 
@@ -273,8 +275,8 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
         lines.append("- *correct less conf.*: among within-group (correct, wrong) pairs, the fraction where "
                      "the correct response is the less confident (ICPO's premise needs it well above 0); "
                      "*bonus at cap*: fraction of responses whose bonus is clipped at |R|/tau.")
-    if any(k == "coarse/kept_group_frac" for k, _ in cols):
-        lines.append("- *kept groups*: coarse setting, fraction of prompts kept (all G rewards equal); "
+    if any(k == KEPT for k, _ in cols):
+        lines.append("- *kept groups*: `reward.drop_mixed_groups`, fraction of prompts kept (all G rewards equal); "
                      "the bonus is not derivable from the logged means there (n/a).")
     return "\n".join(lines + [""])
 

@@ -128,7 +128,7 @@ def _write_run(folder, steps, acc, ent, conf_std=0.1, score=0.0, final_shift=0.0
              "icpo/score/mean": score, "reward/mean": 0.5, "reward/final/mean": 0.5 + final_shift,
              "zero_std_group_frac": 0.25, "omega": 0.5, "advantage/std": 0.9, "accuracy": 0.4}
         if coarse:
-            r["coarse/kept_group_frac"] = 0.3
+            r[rep.KEPT] = 0.3
         if s % 2 == 0:
             r["val/accuracy"] = acc[s // 2]
         rows.append(r)
@@ -221,7 +221,10 @@ def test_series_and_band_edge_cases(tmp_path):
     assert rep.mean_std([]) == {"mean": None, "std": None, "n": 0}
 
 
-def test_coarse_bonus_not_derived_and_bad_lines_named(tmp_path):
+def test_bonus_not_derived_under_drop_mixed_groups_and_bad_lines_named(tmp_path):
+    from icpo.trainer import trainer as trainer_mod
+
+    assert rep.KEPT in Path(trainer_mod.__file__).read_text()  # the key the trainer logs
     _write_run(tmp_path / "c", 2, [0.3, 0.3], [0.5, 0.5], final_shift=0.2, coarse=True)
     rows = rep.read_rows(tmp_path / "c" / "metrics.jsonl")
     assert all(rep.BONUS not in r for r in rows)
