@@ -430,3 +430,15 @@ def test_quick_mode_trains_reports_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert again.returncode == 0 and "2 runs (2 already done)" in again.stdout
     assert " done in " not in again.stdout
+
+
+def test_readme_contrast_paragraph_quotes_the_arithmetic_results():
+    """Every interval the README quotes for the --task arithmetic contrast is in its results file."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    para = readme.split("**The contrast", 1)[1].split("\n\n", 1)[0]
+    quoted = re.findall(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", para)
+    results = (ROOT / "results" / "experiments_arithmetic" / "results.md").read_text()
+    assert len(quoted) == 9
+    assert [q for q in quoted if q not in results] == []
