@@ -2,7 +2,7 @@
 
 ``icpo train --help`` lists every field with :func:`help_text`; ``docs/config.md`` is
 :func:`markdown`, written by ``python tools/gen_config_doc.py`` and checked against this module
-by ``tests/test_config_doc.py``, so neither can drift from the code. :func:`field_docs` (also
+by ``tests/test_cli_fast.py``, so neither can drift from the code. :func:`field_docs` (also
 importable from ``icpo.config``) gives the same docstrings by dotted field name.
 """
 
@@ -105,7 +105,7 @@ def markdown() -> str:
     """``docs/config.md``: one table per section."""
     out = ["# Configuration reference", "",
            "Generated from the dataclasses in `icpo/config.py` by `python tools/gen_config_doc.py`",
-           "(checked by `tests/test_config_doc.py`; edit the docstrings there, not this file).",
+           "(checked by `tests/test_cli_fast.py`; edit the docstrings there, not this file).",
            "", "A run's config is these defaults, then the YAML file given with `--config`",
            "(nested mappings), then dotted overrides on the command line",
            "(`icpo train --config run.yaml actor.lr=1e-5 data.train_files=[a.jsonl,b.jsonl]`).",

@@ -1,4 +1,4 @@
-"""Write docs/config.md from the dataclasses in icpo/config.py (tests/test_config_doc.py
+"""Write docs/config.md from the dataclasses in icpo/config.py (tests/test_cli_fast.py
 fails when the file is out of date).
 
     python tools/gen_config_doc.py
