@@ -251,7 +251,7 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
         for c in comparisons:
             f, a = c["final_val_acc"], c["val_auc"]
             per = ", ".join(f"{d * 100:+.1f}" for d in f["diffs"])
-            ent = _ci(c["final_entropy"], scale=1.0, digits=3) if "final_entropy" in c else "n/a"
+            ent = _ci(c["final_entropy"], scale=1.0, digits=3)
             lines.append(f"| {c['group']} | {c['label']} | {c['baseline']} | {_ci(f)} | {f['wins']}/{f['n']} "
                          f"| {_ci(a)} | {a['wins']}/{a['n']} | {ent} | {per} |")
     cols = [(k, label) for k, label in DIAG_KEYS if any(s["diagnostics"][k] is not None for s in summaries)]

@@ -279,7 +279,6 @@ def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool, jobs: int = 1) 
 
     failures: list[str] = []
     ratios: list[float] = []
-    done = 0
 
     def timed(run: Run) -> float:
         t0 = time.perf_counter()
@@ -292,8 +291,7 @@ def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool, jobs: int = 1) 
             finished, _ = wait(remaining, return_when=FIRST_COMPLETED)
             for fut in sorted(finished, key=lambda f: todo.index(remaining[f])):
                 run = remaining.pop(fut)
-                done += 1
-                print(f"[{done}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
+                print(f"[{len(todo) - len(remaining)}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
                 try:
                     dt = fut.result()
                 except RuntimeError as e:
