@@ -165,7 +165,8 @@ def _ragged(gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("scale,unbiased", [(True, False), (True, True), (False, False)])
 def test_group_ops_cross(device, dtype, scale, unbiased):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
     offsets = _ragged(gen)
     n = int(offsets[-1])
     conf = (-torch.rand(n, generator=gen, dtype=torch.float64) * 3)
@@ -173,6 +174,10 @@ def test_group_ops_cross(device, dtype, scale, unbiased):
     rewards = (torch.randint(0, 2, (n,), generator=gen) + 0.2 * torch.randn(n, generator=gen,
                                                                           dtype=torch.float64))
     rewards[offsets[3]:offsets[4]] = 1.0  # one group of equal rewards
+    # The reference sees the inputs the kernels see (rounded to dtype): the scores' ratios of
+    # log-probs near 0 amplify input rounding up to ~2e-4 in fp32, which is the inputs', not
+    # the kernels' error (measured against the rounded inputs: <= 6e-7).
+    conf, rewards = conf.to(dtype).double(), rewards.to(dtype).double()
     kw = dict(scale=scale, unbiased=unbiased)
     ref = reference.icpo_advantages(conf, rewards, group_offsets=offsets, **kw)
     ref_grpo = reference.grpo_advantages(rewards, group_offsets=offsets, **kw)
@@ -187,7 +192,7 @@ def test_group_ops_cross(device, dtype, scale, unbiased):
                            ("advantages", got.advantages, ref.advantages),
                            ("grpo", grpo, ref_grpo), ("preference_scores", scores, ref.scores)):
             assert x.dtype == dtype
-            assert rel_err(x, y) < tol, (where, name, rel_err(x, y))
+            assert rel_err(x, y) < tol, (where, name, rel_err(x, y), f"seed {seed}")
         results[where] = (got.advantages.cpu(), grpo.cpu())
     for a, b in zip(results[device], results["cpu"]):
         torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol * 10)
