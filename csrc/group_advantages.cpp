@@ -1,7 +1,7 @@
 // Group ops on CPU: preference scores (docs/algorithm.md step 5, Eq. 9), ICPO advantages
 // (steps 4-7 fused: sort, scores, clip, fuse, normalize; Eq. 9, 11, 5) and GRPO advantages (Eq. 5).
 //
-// Contract shared with the CUDA kernels and the fake kernels in icpo/ops/groups.py:
+// Contract shared with the CUDA kernels and the fake kernels in icpo/ops/group_advantages.py:
 // confidence and rewards are 1-D, of one float dtype (f32, f64, f16, bf16), computed in opmath
 // (f32, or f64 for f64; the group statistics of Eq. 5 always in f64) and returned in that dtype;
 // a group of equal values gets advantage exactly 0; group_offsets is int64 [G+1] in the
@@ -109,7 +109,7 @@ void scores_from_ranked(const Ranked<acc_t>* ranked, int64_t n, acc_t delta, acc
 // copy, so no caller-specific inlining or FMA contraction can make them differ.
 // The statistics are taken in double whatever acc_t is: (R - mean)^2 of float32 rewards cannot
 // overflow there (the wrapper bounds |R| so that nothing overflows in double or in the output
-// dtype). A group whose values are all equal gets exactly 0 (SPEC, worked examples): the
+// dtype). A group whose values are all equal gets exactly 0 (docs/algorithm.md, step 7): the
 // rounded mean of G equal values is not always that value, and (R - mean) / (~1e-8 + eps) would
 // then give every response the same nonzero advantage (-0.056 for eight float32 rewards of 0.9).
 template <typename acc_t>

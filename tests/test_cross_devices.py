@@ -164,7 +164,7 @@ def _ragged(gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("scale,unbiased", [(True, False), (True, True), (False, False)])
-def test_group_ops_cross(device, dtype, scale, unbiased):
+def test_group_advantages_cross(device, dtype, scale, unbiased):
     seed = torch.seed() % 2**31
     gen = torch.Generator().manual_seed(seed)
     offsets = _ragged(gen)

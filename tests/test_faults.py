@@ -298,7 +298,7 @@ def test_compare_for_resume_lists_every_changed_field():
 
 def test_token_logprobs_refuses_extreme_temperatures():
     from icpo.ops import token_logprobs
-    from icpo.ops.logprobs import MIN_TEMPERATURE
+    from icpo.ops.token_logprobs import MIN_TEMPERATURE
 
     logits, labels = torch.randn(3, 11) * 20, torch.tensor([0, 5, 10])
     for t in (1e-30, 1e-8, 0.0, -1.0, math.inf, math.nan):

@@ -11,8 +11,9 @@
 #              temperature)
 #   memcheck   compute-sanitizer --tool memcheck on tools/kernel_cases.py (every kernel, small)
 #   racecheck  the same with --tool racecheck
-#   bench      bench/bench_logprobs.py on the GPU: fwd and fwd+bwd, icpo vs eager vs TRL-style
-#              chunked, fp32 and bf16, V = 32000 and 151936, bandwidth over measured copy bandwidth
+#   bench      bench/bench_token_logprobs.py on the GPU: fwd and fwd+bwd, icpo vs eager vs
+#              TRL-style chunked, fp32 and bf16, V = 32000 and 151936, bandwidth over measured
+#              copy bandwidth
 #   train      examples/train_icpo.py on the GPU: bundled model, bf16, HF engine, DeepSpeed in one
 #              process, a few steps; must end with finite losses and metrics.jsonl
 # Results: $OUT (or bench/results/gpu_check/ when OUT is unset, or --out DIR): gpu_check.json
@@ -149,7 +150,7 @@ if [[ $dry == 0 ]]; then
 else
   bench_args=(--shapes 256x32000,64x151936 --warmup 1 --iters 2)
 fi
-step bench 150 "$python" bench/bench_logprobs.py --device "$device" --isolate no \
+step bench 150 "$python" bench/bench_token_logprobs.py --device "$device" --isolate no \
   --dtypes fp32 bf16 --name "logprobs_${device}_gpu_check" "${bench_args[@]}"
 cp -f "bench/results/logprobs_${device}_gpu_check.json" "$out/logprobs_${device}.json" 2>/dev/null
 

@@ -1,10 +1,10 @@
 """Summarize a tools/gpu_check.sh run into gpu_check.json and print a short table.
 
 Reads, from --out: .steps.jsonl (each step's status and seconds), cuda_tests.xml (pytest's JUnit
-report), logprobs_<device>.json (bench/bench_logprobs.py) and train_metrics.jsonl (the training
-run). Records the device, driver and versions, and the issue's targets (reported either way):
-token_logprobs forward >= 70 % of copy bandwidth, forward+backward >= 5x eager, forward extra
-memory < 5 % of the logits.
+report), logprobs_<device>.json (bench/bench_token_logprobs.py) and train_metrics.jsonl (the
+training run). Records the device, driver and versions, and the issue's targets (reported either
+way): token_logprobs forward >= 70 % of copy bandwidth, forward+backward >= 5x eager, forward
+extra memory < 5 % of the logits.
 
 Exit: 0 when every step ran ok, no test failed and the training losses are finite; 1 otherwise.
 """

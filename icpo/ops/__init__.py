@@ -3,6 +3,11 @@
 Each public op here has a pure-PyTorch twin in :mod:`icpo.ops.reference` with the same
 arguments; tests and benchmarks compare the two. Importing this package loads the compiled
 extension ``icpo._C``, which registers the ``torch.ops.icpo.*`` operators.
+
+Each op family's module is named as in ``csrc/`` and ``tests/`` (``token_logprobs``,
+``segment_mean``, ``group_advantages``). Where the module and its op share a name, the package
+attribute is the function: reach the module's other names with ``from icpo.ops.token_logprobs
+import MIN_TEMPERATURE`` (which reads ``sys.modules``), not ``icpo.ops.token_logprobs.X``.
 """
 
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
@@ -25,15 +30,15 @@ from icpo import _C  # noqa: E402,F401  (registers torch.ops.icpo.*)
 from icpo.ops import reference
 from icpo.ops.cpu import (cpu_capability, forced_cpu_capability, set_cpu_capability,
                           supported_cpu_capabilities)
-from icpo.ops.groups import (
+from icpo.ops.group_advantages import (
     ICPOAdvantages,
     grpo_advantages,
     icpo_advantages,
     preference_scores,
     reward_limit,
 )
-from icpo.ops.logprobs import token_logprobs
-from icpo.ops.segments import pack_padded, segment_mean, unpack_to_padded
+from icpo.ops.segment_mean import pack_padded, segment_mean, unpack_to_padded
+from icpo.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "ICPOAdvantages",

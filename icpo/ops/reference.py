@@ -7,24 +7,13 @@ arguments as the public ops in :mod:`icpo.ops` but do no input validation.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
+
+from icpo.ops.group_advantages import ICPOAdvantages
 
 #: Log-probs are <= 0; a confidence of exactly 0 is clamped to this before dividing (step 5),
 #: so equal confidences give a ratio of exactly 1 and nothing divides by zero.
 CONFIDENCE_CEIL = -1e-12
-
-
-class ICPOAdvantages(NamedTuple):
-    """Outputs of :func:`icpo_advantages`, each ``[N]``."""
-
-    scores: torch.Tensor
-    """Preference advantage score S (Eq. 9), >= 0."""
-    rewards: torch.Tensor
-    """Final reward R_final = R_verif + omega * min(S, |R_verif| / tau) (Eq. 11)."""
-    advantages: torch.Tensor
-    """Group-normalized advantage of R_final (Eq. 5)."""
 
 
 def group_offsets_from(n: int, group_size: int | None, group_offsets: torch.Tensor | None,
@@ -62,7 +51,8 @@ def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 
 
 def preference_scores(confidence: torch.Tensor, group_size: int | None = None, *,
-                      group_offsets: torch.Tensor | None = None, delta: float = 0.4) -> torch.Tensor:
+                      group_offsets: torch.Tensor | None = None,
+                      delta: float = 0.4) -> torch.Tensor:
     """Preference advantage score of every response (docs/algorithm.md steps 4-5, Eq. 9).
 
     Within a group sorted ascending by confidence (stable), the response at sorted position k gets
@@ -89,7 +79,7 @@ def _normalize(rewards: torch.Tensor, offsets: list[int], scale: bool, unbiased:
 
     Statistics in float64 (no overflow of (R - mean)^2 for float32 rewards), the result in
     rewards' dtype. A group whose rewards are all equal (G = 1 included) gets exactly 0: Eq. 5
-    gives R - mean = 0 there, but a rounded mean need not equal R (SPEC, worked examples).
+    gives R - mean = 0 there, but a rounded mean need not equal R (docs/algorithm.md, step 7).
     """
     out = torch.zeros_like(rewards)
     for start, end in zip(offsets[:-1], offsets[1:]):

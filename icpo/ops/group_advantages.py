@@ -16,16 +16,27 @@ import functools
 import math
 import numbers
 import operator
+from typing import NamedTuple
 
 import torch
 
-from icpo.ops.reference import ICPOAdvantages
-from icpo.ops.segments import check_offsets
+from icpo.ops.segment_mean import check_offsets
 
 __all__ = ["ICPOAdvantages", "grpo_advantages", "icpo_advantages", "preference_scores",
            "reward_limit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class ICPOAdvantages(NamedTuple):
+    """Outputs of :func:`icpo_advantages` (and of ``reference.icpo_advantages``), each ``[N]``."""
+
+    scores: torch.Tensor
+    """Preference advantage score S (Eq. 9), >= 0."""
+    rewards: torch.Tensor
+    """Final reward R_final = R_verif + omega * min(S, |R_verif| / tau) (Eq. 11)."""
+    advantages: torch.Tensor
+    """Group-normalized advantage of R_final (Eq. 5)."""
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,9 +2,10 @@
 
 Whole calls (validation included) of ``icpo.ops.icpo_advantages`` and ``grpo_advantages`` at the
 paper's batch (768 prompts x G = 5) and a large one (4096 x 16). Prints a markdown table and writes
-``bench/results/bench_advantages.json``. Target: icpo_advantages >= 10x the reference at 768 x 5.
+``bench/results/group_advantages_<device>.json``. Target: icpo_advantages >= 10x the reference at
+768 x 5.
 
-    python bench/bench_advantages.py [--device cpu|cuda] [--iters 200]
+    python bench/bench_group_advantages.py [--device cpu|cuda] [--iters 200]
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def main() -> None:
                   and r["provider"] == "icpo")["speedup vs reference"]
     verdict = "met" if target >= 10 else "NOT met"
     print(f"\nicpo_advantages vs reference at 768 x 5: {target:.0f}x (target >= 10x: {verdict})")
-    path = write_results(f"bench_advantages_{args.device}", {
-        "benchmark": "bench_advantages", "device": args.device, "iters": args.iters,
+    path = write_results(f"group_advantages_{args.device}", {
+        "benchmark": "bench_group_advantages", "device": args.device, "iters": args.iters,
         "machine": machine_info(), "load_average": os.getloadavg(), "rows": rows,
         "target": {"icpo_vs_reference_768x5": target, "required": 10.0, "met": target >= 10}})
     print(f"results: {path}")

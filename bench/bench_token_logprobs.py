@@ -23,8 +23,8 @@ with THP_MEM_ALLOC_ENABLE=1 in the environment (recorded in the results). RSS al
 glibc keeps after a free, which is most of "chunked"'s forward figure.
 
 Example (full size) and a smoke run:
-  python bench/bench_logprobs.py
-  python bench/bench_logprobs.py --shapes 512x32000 --dtypes fp32 --iters 3
+  python bench/bench_token_logprobs.py
+  python bench/bench_token_logprobs.py --shapes 512x32000 --dtypes fp32 --iters 3
 """
 
 from __future__ import annotations
