@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from icpo import ops
+from icpo.ops._checks import check_index_tensor, check_offsets
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
              "grpo", "bnpo", "dr_grpo", "dapo")
@@ -39,17 +40,14 @@ K3_CLAMP = 10.0
 
 
 def check_packed(cu_seqlens: torch.Tensor, num_tokens: int, name: str = "cu_seqlens") -> None:
-    """Validate ``cu_seqlens`` for ``num_tokens`` packed tokens; raises ValueError naming it."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor [B+1] with B >= 1")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != num_tokens:
-        raise ValueError(f"{name} must start at 0 and end at T={num_tokens}, "
-                         f"got {bounds[0]} ... {bounds[-1]}")
-    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"{name} must be strictly increasing (every response has >= 1 token)")
+    """Validate ``cu_seqlens`` (int32/int64 ``[B+1]``, B >= 1, on any device) for ``num_tokens``
+    packed tokens: 0 first, ``num_tokens`` last, no empty response. Raises ValueError naming it
+    (the checks of :mod:`icpo.ops`, whose type errors become ValueError here, as always)."""
+    try:
+        check_index_tensor(cu_seqlens, name, min_numel=2)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    check_offsets(cu_seqlens, num_tokens, op=None, name=name, part="response", total_name="T")
 
 
 def _check_tokens(**tensors: torch.Tensor | None) -> int:

@@ -20,13 +20,10 @@ from typing import NamedTuple
 
 import torch
 
-from icpo.ops.segment_mean import check_offsets
+from icpo.ops._checks import check_float_tensor, check_index_tensor, check_offsets
 
 __all__ = ["ICPOAdvantages", "grpo_advantages", "icpo_advantages", "preference_scores",
            "reward_limit"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
 
 class ICPOAdvantages(NamedTuple):
     """Outputs of :func:`icpo_advantages` (and of ``reference.icpo_advantages``), each ``[N]``."""
@@ -48,13 +45,7 @@ def _uniform_offsets(n: int, group_size: int, device: torch.device) -> torch.Ten
 def _check_data(x: object, name: str, op: str) -> torch.Tensor:
     """``x`` must be a 1-D float tensor; returns it detached (no gradient flows through) and
     contiguous (the kernels read flat memory)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, "
-                        f"got {x.dtype}")
-    if x.dim() != 1:
-        raise ValueError(f"{op}: {name} must be 1-D [N], got shape {tuple(x.shape)}")
+    check_float_tensor(x, name, op)
     return (x.detach() if x.requires_grad else x).contiguous()
 
 
@@ -80,17 +71,7 @@ def _resolve_offsets(op: str, n: int, group_size: int | None, group_offsets: tor
         if torch.compiler.is_compiling():
             return torch.arange(0, n + 1, group_size, dtype=torch.int64, device=device)
         return _uniform_offsets(n, group_size, device)
-    if not isinstance(group_offsets, torch.Tensor):
-        raise TypeError(f"{op}: group_offsets must be a torch.Tensor, got "
-                        f"{type(group_offsets).__name__}")
-    if group_offsets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: group_offsets must be int32 or int64, got {group_offsets.dtype}")
-    if group_offsets.dim() != 1 or group_offsets.numel() < 1:
-        raise ValueError(f"{op}: group_offsets must be 1-D [num_groups + 1], got shape "
-                         f"{tuple(group_offsets.shape)}")
-    if group_offsets.device != device:
-        raise ValueError(f"{op}: group_offsets must be on {device} (the data's device), got "
-                         f"{group_offsets.device}")
+    check_index_tensor(group_offsets, "group_offsets", op, device=device, parts="num_groups")
     check_offsets(group_offsets, n, op=op, name="group_offsets", part="group", total_name="N")
     return group_offsets.to(torch.int64).contiguous()
 

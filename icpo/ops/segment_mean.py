@@ -9,56 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_offsets", "pack_padded", "segment_mean", "unpack_to_padded"]
+from icpo.ops._checks import check_float_tensor, check_index_tensor, check_offsets
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_offsets(offsets: torch.Tensor, total: int, *, op: str, name: str, part: str,
-                  total_name: str, allow_empty: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``offsets`` is a valid cu_seqlens-style tensor.
-
-    offsets: int ``[K + 1]`` (dtype, rank and device already checked by the caller); must start
-    at 0, be non-decreasing, end at ``total``, and (unless ``allow_empty``) hold no empty ``part``.
-    One fused reduction and one host sync on the happy path; the error path then finds the
-    offending index. Messages start with ``op``, the public function being called. Skipped
-    while ``torch.compile`` traces (the checks are data-dependent).
-    """
-    if torch.compiler.is_compiling():
-        return
-    if offsets.numel() == 1:
-        first = last = int(offsets[0])
-        min_step = 1
-    else:
-        stats = torch.stack((offsets[0], offsets[-1], offsets.diff().min()))
-        first, last, min_step = stats.tolist()
-    if first == 0 and last == total and min_step >= (0 if allow_empty else 1):
-        return
-    if first != 0:
-        raise ValueError(f"{op}: {name} must start at 0, got {name}[0] = {first}")
-    values = offsets.tolist()
-    for i, (a, b) in enumerate(zip(values[:-1], values[1:])):
-        if b < a:
-            raise ValueError(f"{op}: {name} must be non-decreasing, but {name}[{i + 1}] = {b} < "
-                             f"{name}[{i}] = {a}")
-        if b == a and not allow_empty:
-            raise ValueError(f"{op}: {name}[{i}] == {name}[{i + 1}] = {a}: {part} {i} is empty "
-                             f"(every {part} needs at least one element)")
-    raise ValueError(f"{op}: {name} must end at {total_name} = {total}, got {name}[-1] = {last}")
-
-
-def _check_index_tensor(op: str, x: object, name: str, device: torch.device) -> None:
-    """``x`` must be an int32/int64 1-D tensor with at least one element on ``device``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{op}: {name} must be int32 or int64, got {x.dtype}")
-    if x.dim() != 1 or x.numel() < 1:
-        raise ValueError(f"{op}: {name} must be 1-D with B + 1 >= 1 elements, got shape "
-                         f"{tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{op}: {name} must be on {device} (the data's device), got {x.device}")
+__all__ = ["pack_padded", "segment_mean", "unpack_to_padded"]
 
 
 def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -68,16 +21,8 @@ def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     at 0, non-decreasing, ending at T, no empty segment. Returns ``[B]`` in ``values``' dtype,
     accumulated in float32 (float64 for float64). Differentiable with respect to ``values``.
     """
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"segment_mean: values must be a torch.Tensor, got "
-                        f"{type(values).__name__}")
-    if values.dtype not in _FLOAT_DTYPES:
-        raise TypeError("segment_mean: values must be float32, float64, float16 or bfloat16, "
-                        f"got {values.dtype}")
-    if values.dim() != 1:
-        raise ValueError("segment_mean: values must be 1-D (packed [T]), got shape "
-                         f"{tuple(values.shape)}")
-    _check_index_tensor("segment_mean", cu_seqlens, "cu_seqlens", values.device)
+    check_float_tensor(values, "values", "segment_mean", shape="1-D (packed [T])")
+    check_index_tensor(cu_seqlens, "cu_seqlens", "segment_mean", device=values.device)
     check_offsets(cu_seqlens, values.shape[0], op="segment_mean", name="cu_seqlens",
                   part="segment", total_name="T = values.numel()")
     return torch.ops.icpo.segment_mean(values.contiguous(), cu_seqlens.contiguous())
@@ -168,7 +113,7 @@ def unpack_to_padded(packed: torch.Tensor, cu_seqlens: torch.Tensor,
                         f"{type(packed).__name__}")
     if packed.dim() < 1:
         raise ValueError("unpack_to_padded: packed must be [T, ...], got a 0-d tensor")
-    _check_index_tensor("unpack_to_padded", cu_seqlens, "cu_seqlens", packed.device)
+    check_index_tensor(cu_seqlens, "cu_seqlens", "unpack_to_padded", device=packed.device)
     total = packed.shape[0]
     check_offsets(cu_seqlens, total, op="unpack_to_padded", name="cu_seqlens", part="segment",
                   total_name="T = packed.shape[0]", allow_empty=True)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from icpo.ops._checks import check_float_tensor, check_tensor
 
 
 @torch.library.register_fake("icpo::token_logprobs_fwd")
@@ -66,14 +66,8 @@ log-probs to train on. ``icpo.config`` holds the same bound for ``rollout.temper
 
 def _check_args(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
     """Shape / dtype / device / scalar checks, raising with the offending argument's name."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [T, V] or [B, L, V], got shape {tuple(logits.shape)}")
+    check_float_tensor(logits, "logits", dims=(2, 3), shape="[T, V] or [B, L, V]")
+    check_tensor(labels, "labels")
     if logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary dimension >= 1, got shape "
                          f"{tuple(logits.shape)}")
