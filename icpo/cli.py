@@ -116,7 +116,7 @@ def _make_arithmetic(args: argparse.Namespace) -> int:
 
 
 def _train_help() -> str:
-    from icpo.config_doc import help_text
+    from icpo.config.doc import help_text
 
     return help_text()
 

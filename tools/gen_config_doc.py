@@ -1,4 +1,4 @@
-"""Write docs/config.md from the dataclasses in icpo/config.py (tests/test_cli_fast.py
+"""Write docs/config.md from the dataclasses in icpo/config/schema.py (tests/test_cli_fast.py
 fails when the file is out of date).
 
     python tools/gen_config_doc.py
@@ -6,7 +6,7 @@ fails when the file is out of date).
 
 from pathlib import Path
 
-from icpo.config_doc import markdown
+from icpo.config.doc import markdown
 
 if __name__ == "__main__":
     path = Path(__file__).resolve().parents[1] / "docs" / "config.md"

@@ -26,9 +26,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterator
+
+from icpo._io import atomic_write_text
 
 DATA_SOURCE = "icpo/arithmetic"
 SPLIT_SEEDS = {"train": 20251121, "val": 20251122, "test": 20251123}
@@ -265,20 +266,8 @@ def make_records(split: str, n: int, seed: int | None = None, difficulty: Diffic
 
 
 def write_jsonl(records: list[dict], path: str | os.PathLike) -> None:
-    """Writes one JSON object per line, atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes one JSON object per line, atomically (``icpo._io``)."""
+    atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from icpo._io import atomic_path
 from icpo.trainer.metrics import read_metrics  # noqa: F401 (also imported from here)
 
 PANELS = (("reward/mean", "reward"), ("val/accuracy", "held-out accuracy"),
@@ -32,8 +32,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "")
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -3,23 +3,35 @@
 ``load_config("run.yaml", ["actor.lr=1e-5", "data.train_files=[a.jsonl,b.jsonl]"])`` starts
 from the defaults below (the paper's Table 6 values where the paper gives one), merges the YAML
 mapping onto them recursively, applies the overrides (each value read as YAML), then
-:func:`validate` checks every field's type and range and the cross-field rules. Every failure is
-a :class:`ConfigError` naming the dotted field, the bad value and what is allowed, raised before
-any work starts. Unknown keys are errors too, with a close-match suggestion.
+:func:`~icpo.config.load.validate` checks every field's type and range and the cross-field
+rules. Every failure is a :class:`ConfigError` naming the dotted field, the bad value and what is
+allowed, raised before any work starts. Unknown keys are errors too, with a close-match
+suggestion.
 
-This file holds the dataclasses; the loading, checking and saving live in
-``icpo/config_load.py`` and :func:`field_docs` in ``icpo/config_doc.py``. Both import the
-dataclasses from here, so this module hands their functions out lazily (PEP 562
-``__getattr__``): ``from icpo.config import load_config`` works with no import cycle.
+This module is the bottom of :mod:`icpo.config`: the dataclasses, the ``Literal`` aliases of the
+names a field allows (the lower layers take their tuples of allowed names from these with
+``typing.get_args``, so each list is written once) and :func:`describe`. It imports nothing from
+icpo; ``load.py`` (reading, checking, saving) and ``doc.py`` (the generated reference) import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union
+
+Algorithm = Literal["icpo", "grpo"]
+Confidence = Literal["mean_logprob", "log_mean_prob"]
+StdScope = Literal["group", "batch"]
+GroupOfOne = Literal["zero", "reward"]
+OmegaSchedule = Literal["warmup_decay", "warmup_retention", "linear_decay", "constant"]
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                  "seq-mean-token-sum-norm", "grpo", "bnpo", "dr_grpo", "dapo"]
+KLEstimator = Literal["k3", "k1", "k2"]
+ISLevel = Literal["token", "sequence"]
+Engine = Literal["auto", "hf", "vllm"]
 
 
 class ConfigError(ValueError):
@@ -66,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["auto", "hf", "vllm"] = "auto"
+    engine: Engine = "auto"
     """Generation backend; "auto" = vLLM when CUDA is present and vllm imports, else HF generate."""
     n: int = 5
     """Group size G: responses sampled per prompt."""
@@ -117,7 +129,7 @@ class RewardConfig:
 
 @dataclass
 class OmegaConfig:
-    schedule: Literal["warmup_decay", "warmup_retention", "linear_decay", "constant"] = "warmup_decay"
+    schedule: OmegaSchedule = "warmup_decay"
     """Schedule of the preference-score weight omega (docs/algorithm.md, "omega over training")."""
     omega_max: float = 1.0
     """Peak omega."""
@@ -129,7 +141,7 @@ class OmegaConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["icpo", "grpo"] = "icpo"
+    name: Algorithm = "icpo"
     """Advantage estimator; ICPO with omega = 0 equals GRPO."""
     delta: float | None = None
     """Eq. 9 scale; None = from the parameter count (0.5 < 4B, 0.4 4-8B, 0.3 > 8B)."""
@@ -140,19 +152,19 @@ class AlgorithmConfig:
     scale_advantages: bool = True
     """Divide group-centred rewards by the std (Eq. 5; verl's norm_adv_by_std_in_grpo);
     False = Dr. GRPO style (TRL's scale_rewards="none")."""
-    std_scope: Literal["group", "batch"] = "group"
+    std_scope: StdScope = "group"
     """Std of each group (verl; TRL's scale_rewards="group") or of the whole batch (TRL's
     scale_rewards="batch"); the mean is always the group's."""
     unbiased_std: bool = False
     """Std with n - 1 (verl/TRL) instead of n (the paper's worked numbers)."""
     eps: float = 1e-6
     """Added to the std before dividing (verl 1e-6, TRL 1e-4)."""
-    group_of_one: Literal["zero", "reward"] = "zero"
+    group_of_one: GroupOfOne = "zero"
     """Advantage of a group of one response: 0 (icpo, TRL) or R / (1 + eps) (verl)."""
     compat: Literal["verl", "trl"] | None = None
     """Start from a peer's conventions (std, eps, group of one, loss mode, dual-clip, entropy
     aggregation; docs/compat.md); explicit settings still win. None = icpo's defaults."""
-    confidence: Literal["mean_logprob", "log_mean_prob"] = "mean_logprob"
+    confidence: Confidence = "mean_logprob"
     """Confidence c_i: mean token log-prob or log of mean token prob (docs/algorithm.md step 3)."""
 
 
@@ -174,13 +186,11 @@ class ActorConfig:
     """PPO clip: ratio <= 1 + clip_high; above clip_low = clip-higher."""
     kl_coef: float = 0.001
     """beta of the KL penalty in the loss; 0 = no reference model loaded."""
-    kl_estimator: Literal["k3", "k1", "k2"] = "k3"
+    kl_estimator: KLEstimator = "k3"
     """KL estimator between policy and reference."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (subtracted from the loss)."""
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                           "seq-mean-token-sum-norm", "grpo", "bnpo", "dr_grpo",
-                           "dapo"] = "token-mean"
+    loss_agg_mode: AggMode = "token-mean"
     """How per-token losses become one scalar: verl's agg_loss modes or TRL's loss types, each
     with its peer's arithmetic (docs/compat.md)."""
     entropy_agg_mode: str | None = None
@@ -188,7 +198,7 @@ class ActorConfig:
     clip_ratio_c: float | None = None
     """Dual-clip (verl's clip_ratio_c, verl default 3): negative-advantage token losses capped
     at -A * clip_ratio_c; None = off."""
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    importance_sampling_level: ISLevel = "token"
     """Ratio per token (PPO/GRPO) or per response from its mean log-ratio (GSPO; TRL's
     importance_sampling_level)."""
     ppo_mini_batch_size: int = 192
@@ -274,24 +284,16 @@ def _plain(x: Any) -> Any:
     return x
 
 
-# Name -> module for the functions re-exported from the modules that import this one.
-_LAZY = {"config_from_dict": "icpo.config_load", "load_config": "icpo.config_load",
-         "save_config": "icpo.config_load", "validate": "icpo.config_load",
-         "field_docs": "icpo.config_doc"}
-
-if typing.TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
-    from icpo.config_doc import field_docs
-    from icpo.config_load import config_from_dict, load_config, save_config, validate
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "ActorConfig", "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-    "OmegaConfig", "RewardConfig", "RolloutConfig", "TrainerConfig", "config_from_dict",
-    "field_docs", "load_config", "save_config", "validate",
-]
+def describe(tp: Any) -> str:
+    """What annotation ``tp`` allows, in words: the type column of docs/config.md and the
+    "expected ..." of every type error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", None) if origin is None else str(tp).replace("typing.", "")

@@ -1,23 +1,23 @@
-"""The config reference, generated from the dataclasses in :mod:`icpo.config` (no torch).
+"""The config reference, generated from the dataclasses in ``schema.py`` (no torch).
 
 ``icpo train --help`` lists every field with :func:`help_text`; ``docs/config.md`` is
 :func:`markdown`, written by ``python tools/gen_config_doc.py`` and checked against this module
-by ``tests/test_cli_fast.py``, so neither can drift from the code. :func:`field_docs` (also
-importable from ``icpo.config``) gives the same docstrings by dotted field name.
+by ``tests/test_cli_fast.py``, so neither can drift from the code. :func:`field_docs` gives the
+same docstrings by dotted field name. All of them read the attribute docstrings from one parse of
+``schema.py`` (Python keeps no such docstrings at run time).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import inspect
+import functools
 import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import icpo.config
-from icpo.config import Config
-from icpo.config_load import _describe
+from icpo.config import schema
+from icpo.config.schema import Config, describe
 
 
 class Field(NamedTuple):
@@ -45,46 +45,48 @@ def _show(value: Any) -> str:
     return str(value) if not isinstance(value, str) else value
 
 
-def _class_docs(node: ast.ClassDef) -> dict[str, str]:
-    """Field -> the string literal right after its annotated assignment, in one class body."""
-    docs: dict[str, str] = {}
-    for stmt, nxt in zip(node.body, node.body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = nxt.value.value
-    return docs
-
-
+@functools.cache
 def _attribute_docs() -> dict[str, dict[str, str]]:
-    """Class name -> field -> attribute docstring, for every class in icpo/config.py, from one
-    parse of the file (``field_docs`` per class re-parses the module each time: ~1 s)."""
-    tree = ast.parse(Path(icpo.config.__file__).read_text(encoding="utf-8"))
-    return {node.name: _class_docs(node) for node in tree.body if isinstance(node, ast.ClassDef)}
+    """Class name -> field -> the string literal right after the field's annotated assignment,
+    for every class in schema.py."""
+    tree = ast.parse(Path(schema.__file__).read_text(encoding="utf-8"))
+    out: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            out[node.name] = docs = {}
+            for stmt, nxt in zip(node.body, node.body[1:]):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)):
+                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return out
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
-    """Dotted field name -> its attribute docstring, for every field of ``cls`` recursively."""
-    node = ast.parse(inspect.getsource(cls)).body[0]
-    docs = {prefix + k: v.strip() for k, v in _class_docs(node).items()}  # type: ignore[arg-type]
+    """Dotted field name -> its attribute docstring (whitespace collapsed), for every field of
+    ``cls`` recursively, sections (``algorithm.omega``) included; a field without one is left
+    out."""
+    docs: dict[str, str] = {}
+    own = _attribute_docs().get(cls.__name__, {})
     for name, tp in typing.get_type_hints(cls).items():
+        if name in own:
+            docs[prefix + name] = own[name]
         if dataclasses.is_dataclass(tp):
             docs.update(field_docs(tp, f"{prefix}{name}."))
     return docs
 
 
-def fields(cls: type = Config, prefix: str = "", _docs: dict | None = None) -> list[Field]:
+def fields(cls: type = Config, prefix: str = "") -> list[Field]:
     """Every leaf field of ``cls``, depth first, in declaration order."""
-    docs = _attribute_docs() if _docs is None else _docs
     hints = typing.get_type_hints(cls)
+    docs = _attribute_docs().get(cls.__name__, {})
     out: list[Field] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(fields(tp, f"{prefix}{f.name}.", docs))
+            out.extend(fields(tp, f"{prefix}{f.name}."))
             continue
-        doc = docs.get(cls.__name__, {}).get(f.name, "")
-        out.append(Field(prefix + f.name, _describe(tp), _show(_default(f)), " ".join(doc.split())))
+        out.append(Field(prefix + f.name, describe(tp), _show(_default(f)), docs.get(f.name, "")))
     return out
 
 
@@ -104,7 +106,8 @@ def help_text() -> str:
 def markdown() -> str:
     """``docs/config.md``: one table per section."""
     out = ["# Configuration reference", "",
-           "Generated from the dataclasses in `icpo/config.py` by `python tools/gen_config_doc.py`",
+           "Generated from the dataclasses in `icpo/config/schema.py` by "
+           "`python tools/gen_config_doc.py`",
            "(checked by `tests/test_cli_fast.py`; edit the docstrings there, not this file).",
            "", "A run's config is these defaults, then the YAML file given with `--config`",
            "(nested mappings), then dotted overrides on the command line",

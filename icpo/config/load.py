@@ -1,9 +1,9 @@
-"""Reading, checking and writing run configs: the machinery behind :mod:`icpo.config`.
+"""Reading, checking and writing run configs (the dataclasses are in ``schema.py``).
 
-The dataclasses live in ``icpo/config.py``; this module merges YAML mappings and dotted
-overrides onto them with every value type-checked (:func:`config_from_dict`,
-:func:`load_config`), checks ranges and cross-field rules (:func:`validate`) and writes a config
-back atomically (:func:`save_config`). Import these from ``icpo.config``, which re-exports them.
+Merges YAML mappings and dotted overrides onto the defaults with every value type-checked
+(:func:`config_from_dict`, :func:`load_config`), checks ranges and cross-field rules
+(:func:`validate`) and writes a config back atomically (:func:`save_config`). ``icpo.config``
+re-exports these.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import difflib
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from typing import Any, Literal, Union
 
 import yaml
 
-from icpo.config import ActorConfig, Config, ConfigError
+from icpo._io import atomic_path
+from icpo.config.schema import AggMode, Config, ConfigError, describe
 
 
 # --------------------------------------------------------------------------- YAML reading
@@ -40,21 +40,8 @@ _Loader.add_implicit_resolver(
 
 # --------------------------------------------------------------------------- type checking
 
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", None) if origin is None else str(tp).replace("typing.", "")
-
-
 def _fail(name: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
-    return ConfigError(f"{name}: got {value!r}; expected {extra or _describe(tp)}")
+    return ConfigError(f"{name}: got {value!r}; expected {extra or describe(tp)}")
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -122,7 +109,8 @@ def _unknown(key: str, prefix: str, cls: type) -> ConfigError:
         return ConfigError(_REMOVED[prefix + key])
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+    hint = (f"; did you mean {prefix + close[0]!r}?" if close
+            else f"; known keys: {', '.join(names)}")
     return ConfigError(f"unknown config key {prefix + key!r}{hint}")
 
 
@@ -190,8 +178,9 @@ _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _OPEN_UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_prompt_length": _GE1, "data.val_max_samples": _GE1,
-    # 1e-3 = icpo.ops.logprobs.MIN_TEMPERATURE (not imported: this module stays torch-free).
-    "rollout.n": _GE1, "rollout.temperature": (lambda v: v >= 1e-3, ">= 1e-3"), "rollout.top_p": _OPEN_UNIT,
+    # 1e-3 = icpo.ops.token_logprobs.MIN_TEMPERATURE (not imported: config stays torch-free).
+    "rollout.n": _GE1, "rollout.temperature": (lambda v: v >= 1e-3, ">= 1e-3"),
+    "rollout.top_p": _OPEN_UNIT,
     "rollout.top_k": (lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
     "rollout.max_response_length": _GE1, "rollout.gpu_memory_utilization": _OPEN_UNIT,
     "rollout.val_n": _GE1, "rollout.val_temperature": _NONNEG, "rollout.hf_batch_size": _GE1,
@@ -201,7 +190,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "algorithm.omega.omega_max": _NONNEG, "algorithm.omega.omega_min": _NONNEG,
     "algorithm.omega.peak_fraction": _UNIT,
     "actor.lr": _POS, "actor.weight_decay": _NONNEG, "actor.lr_warmup_steps": _NONNEG,
-    "actor.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "actor.clip_high": _NONNEG, "actor.kl_coef": _NONNEG,
+    "actor.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "actor.clip_high": _NONNEG,
+    "actor.kl_coef": _NONNEG,
     "actor.ppo_mini_batch_size": _GE1, "actor.ppo_epochs": _GE1,
     "actor.max_tokens_per_micro_batch": _GE1, "actor.grad_clip": _NONNEG,
     "trainer.total_steps": _GE1, "trainer.train_batch_size": _GE1, "trainer.save_every": _NONNEG,
@@ -222,7 +212,7 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
             errors.append(str(e))
 
 
-_AGG_MODES = typing.get_args(typing.get_type_hints(ActorConfig)["loss_agg_mode"])
+_AGG_MODES = typing.get_args(AggMode)
 
 
 def _invalid(errors: list[str]) -> ConfigError:
@@ -254,10 +244,11 @@ def validate(cfg: Config) -> Config:
         errors.append(f"actor.entropy_agg_mode: got {a.entropy_agg_mode!r}; expected null or one "
                       f"of {', '.join(_AGG_MODES)}")
     if a.clip_high < a.clip_low:
-        errors.append(f"actor.clip_high: got {a.clip_high!r}; expected >= actor.clip_low ({a.clip_low!r})")
+        errors.append(f"actor.clip_high: got {a.clip_high!r}; expected >= actor.clip_low "
+                      f"({a.clip_low!r})")
     if a.ppo_mini_batch_size > t.train_batch_size or t.train_batch_size % a.ppo_mini_batch_size:
-        errors.append(f"actor.ppo_mini_batch_size: got {a.ppo_mini_batch_size!r}; expected a divisor "
-                      f"of trainer.train_batch_size ({t.train_batch_size!r})")
+        errors.append(f"actor.ppo_mini_batch_size: got {a.ppo_mini_batch_size!r}; expected a "
+                      f"divisor of trainer.train_batch_size ({t.train_batch_size!r})")
     if cfg.rollout.n == 1 and not cfg.rollout.allow_single_sample:
         errors.append(f"rollout.n: got 1; {cfg.algorithm.name}'s group-relative advantages of one "
                       "response are 0, so nothing would be learned (set "
@@ -302,7 +293,8 @@ def config_from_dict(d: dict[str, Any] | None, overrides: typing.Iterable[str] =
     return validate(cfg)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+def load_config(path: str | os.PathLike | None = None,
+                overrides: typing.Iterable[str] = ()) -> Config:
     """Load a YAML config (None = defaults only), apply dotted overrides, validate."""
     data = None
     if path is not None:
@@ -321,21 +313,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterabl
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-__all__ = ["config_from_dict", "load_config", "save_config", "validate"]
+    """Write ``cfg`` as YAML atomically (``icpo._io.atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=False)
