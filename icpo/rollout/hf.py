@@ -10,7 +10,8 @@ model's forward and a transformers ``DynamicCache``: each distinct prompt is pre
 its cache repeated for its ``n`` samples, and rows that finished are dropped from the batch
 (and the cache) as they accumulate, so late steps run only the rows still writing. Same
 distribution as ``generate`` (temperature, then top-k, then top-p, as transformers' warpers
-apply them). Any other model goes through ``model.generate``.
+apply them; one uniform number per row, see :mod:`icpo.rollout.sampling`). Any other model
+goes through ``model.generate``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from icpo.rollout.base import (
     truncate_at_eos,
     unwrap_model,
 )
+from icpo.rollout.sampling import sample_next
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -206,26 +208,3 @@ class HFRolloutEngine(RolloutEngine):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             yield
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """One token per row of ``logits`` ``[b, V]``: argmax when greedy, else a draw from
-    softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and then to the
-    smallest set holding ``top_p`` of the mass (transformers' TopK / TopP warpers' rules)."""
-    logits = logits.float()
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ascending, order = torch.sort(logits, dim=-1)
-        mass = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = mass <= 1.0 - params.top_p
-        drop[:, -1] = False  # the most likely token always stays
-        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    if not torch.isfinite(probs).all():
-        raise ValueError("sampling: the model produced NaN or inf logits")
-    return torch.multinomial(probs, 1).squeeze(1)
