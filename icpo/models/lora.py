@@ -74,11 +74,14 @@ def apply_lora(model: nn.Module, lora_rank: int, lora_alpha: float = 16.0,
 def peft_model(model: nn.Module) -> PeftModel:
     """The PEFT model inside a DeepSpeed / DDP / torch.compile wrapper (or ``model`` itself)."""
     from peft import PeftModel
+    from torch import nn
 
     inner = model
     while not isinstance(inner, PeftModel):
-        nxt = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
-        if nxt is None or nxt is inner:
+        nxt = getattr(inner, "_orig_mod", None)
+        if nxt is None:
+            nxt = getattr(inner, "module", None)
+        if not isinstance(nxt, nn.Module) or nxt is inner:
             raise TypeError(f"expected a PEFT model (see apply_lora), got {type(model).__name__}")
         inner = nxt
     return inner
