@@ -17,10 +17,11 @@ for fwd; for fwdbwd, two reads plus the gradient write. ``bw_fraction`` is that 
 device's copy bandwidth, measured at the start (a 1 GiB copy on CUDA, 256 MiB on CPU, counting
 bytes read plus bytes written).
 
-Reading CPU numbers: fresh multi-MB tensors are faulted in 4 KiB pages, which is slow on VMs; icpo's
-backward asks for transparent huge pages for its gradient, eager/chunked temporaries get them only
-with THP_MEM_ALLOC_ENABLE=1 in the environment (recorded in the results). RSS also counts memory
-glibc keeps after a free, which is most of "chunked"'s forward figure.
+Reading CPU numbers: fresh multi-MB tensors are faulted in 4 KiB pages, which is slow on VMs.
+icpo's backward asks for transparent huge pages for its gradient only with ICPO_HUGE_PAGES=1
+(docs/cpu_kernels.md; off by default since it can make a first call far slower), eager/chunked
+temporaries get them only with THP_MEM_ALLOC_ENABLE=1 (both recorded in the results). RSS also
+counts memory glibc keeps after a free, which is most of "chunked"'s forward figure.
 
 Example (full size) and a smoke run:
   python bench/bench_token_logprobs.py
@@ -326,6 +327,7 @@ def main(argv=None) -> None:
                                 "argv": sys.argv[1:], "machine": machine_info(),
                                 "gbps_counts": "fwd: 1 logits read; fwdbwd: 2 reads + 1 grad write",
                                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                                "ICPO_HUGE_PAGES": os.environ.get("ICPO_HUGE_PAGES"),
                                 "copy_GBps": copy_gbps, "isolated_runs": isolate,
                                 "rows": rows})
     print(f"\nwrote {path}")

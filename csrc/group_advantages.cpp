@@ -139,25 +139,12 @@ __attribute__((noinline)) void normalize_group(const acc_t* r, int64_t n, bool s
   }
 }
 
-// Memory safety only (the wrapper reports malformed offsets with friendlier messages).
-void check_offsets(const at::Tensor& offsets, const at::Tensor& x, const char* x_name) {
-  TORCH_CHECK(x.device().is_cpu(), x_name, " must be on cpu, got ", x.device());
-  TORCH_CHECK(x.dim() == 1, x_name, " must be 1-D, got shape ", x.sizes());
-  ICPO_CHECK_FLOATING(x);
-  ICPO_CHECK_DEVICE(offsets, x.device());
-  ICPO_CHECK_DIM(offsets, 1);
-  ICPO_CHECK_DTYPE(offsets, at::kLong);
-  TORCH_CHECK(offsets.numel() >= 1, "group_offsets must hold at least one element (G + 1)");
+// The offsets' values, after checks.h's checks of the op (memory safety; the wrapper reports
+// malformed offsets with friendlier messages).
+void check_group_offset_values(const at::Tensor& offsets, int64_t total) {
   const at::Tensor o = offsets.contiguous();
-  const int64_t* p = o.const_data_ptr<int64_t>();
-  const int64_t num_groups = o.numel() - 1;
-  TORCH_CHECK(p[0] == 0, "group_offsets must start at 0, got ", p[0]);
-  TORCH_CHECK(p[num_groups] == x.numel(), "group_offsets must end at ", x_name, ".numel() = ",
-              x.numel(), ", got ", p[num_groups]);
-  for (int64_t g = 0; g < num_groups; ++g) {
-    TORCH_CHECK(p[g] <= p[g + 1], "group_offsets must be non-decreasing, but group_offsets[",
-                g + 1, "] = ", p[g + 1], " < group_offsets[", g, "] = ", p[g]);
-  }
+  checks::check_offset_values(o.const_data_ptr<int64_t>(), o.numel() - 1, total, "group_offsets",
+                              "N");
 }
 
 // Runs body(start, n, scratch) for every group, parallel over groups. Groups are sized so a chunk
@@ -183,7 +170,8 @@ void for_each_group(const at::Tensor& offsets, int64_t total, int64_t elements_p
 
 at::Tensor preference_scores_cpu(const at::Tensor& confidence, const at::Tensor& group_offsets,
                                  double delta) {
-  check_offsets(group_offsets, confidence, "confidence");
+  checks::check_group_op(confidence, "confidence", group_offsets, at::kCPU);
+  check_group_offset_values(group_offsets, confidence.numel());
   const at::Tensor c = confidence.contiguous();
   at::Tensor out = at::empty_like(c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "preference_scores",
@@ -207,10 +195,8 @@ at::Tensor preference_scores_cpu(const at::Tensor& confidence, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cpu(
     const at::Tensor& confidence, const at::Tensor& rewards, const at::Tensor& group_offsets,
     double delta, double tau, double omega, bool scale, bool unbiased, double eps) {
-  check_offsets(group_offsets, rewards, "rewards");
-  ICPO_CHECK_DEVICE(confidence, rewards.device());
-  ICPO_CHECK_DTYPE(confidence, rewards.scalar_type());
-  ICPO_CHECK_SIZE(confidence, 0, rewards.numel());
+  checks::check_icpo_advantages(confidence, rewards, group_offsets, at::kCPU);
+  check_group_offset_values(group_offsets, rewards.numel());
   const at::Tensor c = confidence.contiguous();
   const at::Tensor r = rewards.contiguous();
   at::Tensor scores = at::empty_like(r), fused = at::empty_like(r), adv = at::empty_like(r);
@@ -259,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cpu(
 
 at::Tensor grpo_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_offsets,
                                bool scale, bool unbiased, double eps) {
-  check_offsets(group_offsets, rewards, "rewards");
+  checks::check_group_op(rewards, "rewards", group_offsets, at::kCPU);
+  check_group_offset_values(group_offsets, rewards.numel());
   const at::Tensor r = rewards.contiguous();
   at::Tensor adv = at::empty_like(r);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "grpo_advantages",

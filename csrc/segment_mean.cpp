@@ -13,56 +13,32 @@
 namespace icpo {
 namespace {
 
-// Bounds checks that keep the kernels memory-safe; the Python wrapper has already given the
+// The offsets' values keep the kernels memory-safe; the Python wrapper has already given the
 // user a friendlier message for anything caught here. O(B) reads, cheap next to O(T) work.
-template <typename index_t>
-void check_bounds(const index_t* cu, int64_t num_segments, int64_t total) {
-  TORCH_CHECK(cu[0] == 0, "cu_seqlens must start at 0, got ", int64_t(cu[0]));
-  TORCH_CHECK(int64_t(cu[num_segments]) == total, "cu_seqlens must end at ", total, ", got ",
-              int64_t(cu[num_segments]));
-  for (int64_t b = 0; b < num_segments; ++b) {
-    TORCH_CHECK(cu[b] <= cu[b + 1], "cu_seqlens must be non-decreasing, but cu_seqlens[", b + 1,
-                "] = ", int64_t(cu[b + 1]), " < cu_seqlens[", b, "] = ", int64_t(cu[b]));
-  }
-}
-
-void check_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& cu_seqlens) {
-  TORCH_CHECK(x.device().is_cpu(), x_name, " must be on cpu, got ", x.device());
-  ICPO_CHECK_DEVICE(cu_seqlens, x.device());
-  TORCH_CHECK(x.dim() == 1, x_name, " must be 1-D, got shape ", x.sizes());
-  ICPO_CHECK_DIM(cu_seqlens, 1);
-  ICPO_CHECK_INDEX(cu_seqlens);
-  TORCH_CHECK(cu_seqlens.numel() >= 1, "cu_seqlens must hold at least one element (B + 1)");
+void check_cu_seqlens_values(const at::Tensor& cu, int64_t total) {
+  AT_DISPATCH_INDEX_TYPES(cu.scalar_type(), "segment_mean_cpu", [&] {
+    checks::check_offset_values(cu.const_data_ptr<index_t>(), cu.numel() - 1, total, "cu_seqlens",
+                                "T");
+  });
 }
 
 at::Tensor segment_mean_cpu(const at::Tensor& values, const at::Tensor& cu_seqlens) {
-  check_inputs(values, "values", cu_seqlens);
-  ICPO_CHECK_FLOATING(values);
+  checks::check_segment_mean(values, "values", cu_seqlens, at::kCPU);
   const at::Tensor x = values.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
-  const int64_t num_segments = cu.numel() - 1;
-  const int64_t total = x.numel();
-  at::Tensor out = at::empty({num_segments}, x.options());
-  AT_DISPATCH_INDEX_TYPES(cu.scalar_type(), "segment_mean_cpu", [&] {
-    check_bounds(cu.const_data_ptr<index_t>(), num_segments, total);
-  });
+  check_cu_seqlens_values(cu, x.numel());
+  at::Tensor out = at::empty({cu.numel() - 1}, x.options());
   cpu::kernels().segment_mean(x, cu, out);
   return out;
 }
 
 at::Tensor segment_mean_bwd_cpu(const at::Tensor& grad, const at::Tensor& cu_seqlens,
                                 int64_t total) {
-  check_inputs(grad, "grad", cu_seqlens);
-  ICPO_CHECK_FLOATING(grad);
-  ICPO_CHECK_SIZE(grad, 0, cu_seqlens.numel() - 1);
-  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
+  checks::check_segment_mean_bwd(grad, cu_seqlens, total, at::kCPU);
   const at::Tensor g = grad.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
-  const int64_t num_segments = cu.numel() - 1;
+  check_cu_seqlens_values(cu, total);
   at::Tensor out = at::empty({total}, g.options());
-  AT_DISPATCH_INDEX_TYPES(cu.scalar_type(), "segment_mean_bwd_cpu", [&] {
-    check_bounds(cu.const_data_ptr<index_t>(), num_segments, total);
-  });
   cpu::kernels().segment_mean_bwd(g, cu, out);
   return out;
 }

@@ -145,7 +145,7 @@ def test_bad_values(values, match):
 
 def test_kernel_bounds_checks_guard_the_raw_op():
     # The raw op bypasses the wrapper's checks; it must still refuse out-of-range offsets.
-    with pytest.raises(RuntimeError, match="cu_seqlens must end at 5"):
+    with pytest.raises(RuntimeError, match="cu_seqlens must end at T = 5"):
         torch.ops.icpo.segment_mean(make_values(5), torch.tensor([0, 9]))
     with pytest.raises(RuntimeError, match="non-decreasing"):
         torch.ops.icpo.segment_mean_bwd(torch.ones(2), torch.tensor([0, 4, 3]), 3)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -300,6 +305,41 @@ def test_raw_op_refuses_out_of_range_labels():
         torch.ops.icpo.token_logprobs_fwd(torch.randn(3, 8), torch.tensor([0, 8, 1]), 1.0, -100)
     with pytest.raises(RuntimeError, match="logits"):
         torch.ops.icpo.token_logprobs_fwd(torch.randn(8, 3).t(), torch.tensor([0, 1, 1]), 1.0, -100)
+
+
+# A backward whose gradient (64 x 40000 fp32, 10 MB) is large enough for the huge-page hint;
+# prints a digest of the gradient and the process's huge pages while the gradient is alive.
+_HUGE_PAGES_CODE = """
+import hashlib, torch, icpo.ops
+gen = torch.Generator().manual_seed(0)
+x = (torch.randn(64, 40000, generator=gen) * 3).requires_grad_(True)
+y = torch.randint(0, 40000, (64,), generator=gen)
+logp, ent = icpo.ops.token_logprobs(x, y)
+(g,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
+with open("/proc/self/smaps_rollup") as f:
+    huge = [l.split()[1] for l in f if l.startswith("AnonHugePages:")]
+print(hashlib.sha256(g.numpy().tobytes()).hexdigest(), huge[0] if huge else "?")
+"""
+
+
+def test_huge_page_hint_is_opt_in_and_changes_no_result():
+    runs = {}
+    for value in (None, "1", "yes"):
+        env = {k: v for k, v in os.environ.items() if k != "ICPO_HUGE_PAGES"}
+        env["OMP_NUM_THREADS"] = "1"
+        if value is not None:
+            env["ICPO_HUGE_PAGES"] = value
+        runs[value] = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CODE], env=env,
+                                     capture_output=True, text=True, timeout=300)
+    for value in (None, "1"):
+        assert runs[value].returncode == 0, runs[value].stderr
+    (digest_off, huge_off), (digest_on, _) = (runs[v].stdout.split() for v in (None, "1"))
+    assert digest_off == digest_on
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[madvise]" in thp.read_text() and huge_off != "?":
+        assert huge_off == "0"  # no hint, so no huge page in the process (THP only on request)
+    assert runs["yes"].returncode != 0
+    assert "ICPO_HUGE_PAGES must be 0 or 1 (unset: 0), got 'yes'" in runs["yes"].stderr
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

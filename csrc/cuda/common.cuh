@@ -146,13 +146,4 @@ inline void check_grid(int64_t blocks, const char* what) {
               std::numeric_limits<int32_t>::max(), " ", what, ", got ", blocks);
 }
 
-// x must be a 1-D CUDA tensor of a float dtype the kernels dispatch on; messages name it `name`.
-inline void check_float_vector(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 1, name, " must be 1-D, got shape ", x.sizes());
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, name,
-              " must be float32, float64, float16 or bfloat16, got ", t);
-}
-
 }  // namespace icpo::cuda_impl

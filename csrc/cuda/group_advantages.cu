@@ -178,14 +178,6 @@ __global__ void grpo_advantages_kernel(const scalar_t* __restrict__ rewards, int
   normalize_group(rewards + start, advantages + start, n, scale, unbiased, eps);
 }
 
-void check_group_offsets(const at::Tensor& group_offsets, const at::Tensor& x) {
-  ICPO_CHECK_DEVICE(group_offsets, x.device());
-  ICPO_CHECK_DIM(group_offsets, 1);
-  ICPO_CHECK_DTYPE(group_offsets, at::kLong);
-  TORCH_CHECK(group_offsets.size(0) >= 1,
-              "group_offsets must have at least one entry (num_groups + 1 >= 1)");
-  check_grid(group_offsets.size(0) - 1, "groups");
-}
 
 // Same for every group op, so icpo_advantages and grpo_advantages reduce in the same order.
 int group_threads(int64_t total, int64_t groups) {
@@ -195,8 +187,8 @@ int group_threads(int64_t total, int64_t groups) {
 // Inputs are made contiguous here (a no-op from the Python wrappers), as the CPU kernels do.
 at::Tensor preference_scores_cuda(const at::Tensor& confidence_in,
                                   const at::Tensor& group_offsets_in, double delta) {
-  check_float_vector(confidence_in, "confidence");
-  check_group_offsets(group_offsets_in, confidence_in);
+  checks::check_group_op(confidence_in, "confidence", group_offsets_in, at::kCUDA);
+  check_grid(group_offsets_in.size(0) - 1, "groups");
   const at::Tensor confidence = confidence_in.contiguous();
   const at::Tensor group_offsets = group_offsets_in.contiguous();
   const c10::cuda::CUDAGuard guard(confidence.device());
@@ -220,15 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cuda(
     const at::Tensor& confidence_in, const at::Tensor& rewards_in,
     const at::Tensor& group_offsets_in, double delta, double tau, double omega, bool scale,
     bool unbiased, double eps) {
-  check_float_vector(confidence_in, "confidence");
-  check_float_vector(rewards_in, "rewards");
-  TORCH_CHECK(rewards_in.device() == confidence_in.device(), "rewards must be on ",
-              confidence_in.device(), " (confidence's device), got ", rewards_in.device());
-  TORCH_CHECK(rewards_in.scalar_type() == confidence_in.scalar_type(), "rewards must be ",
-              confidence_in.scalar_type(), " (confidence's dtype), got ", rewards_in.scalar_type());
-  TORCH_CHECK(rewards_in.size(0) == confidence_in.size(0), "rewards must have shape [",
-              confidence_in.size(0), "] (confidence's), got ", rewards_in.sizes());
-  check_group_offsets(group_offsets_in, confidence_in);
+  checks::check_icpo_advantages(confidence_in, rewards_in, group_offsets_in, at::kCUDA);
+  check_grid(group_offsets_in.size(0) - 1, "groups");
   const at::Tensor confidence = confidence_in.contiguous();
   const at::Tensor rewards = rewards_in.contiguous();
   const at::Tensor group_offsets = group_offsets_in.contiguous();
@@ -257,8 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icpo_advantages_cuda(
 
 at::Tensor grpo_advantages_cuda(const at::Tensor& rewards_in, const at::Tensor& group_offsets_in,
                                 bool scale, bool unbiased, double eps) {
-  check_float_vector(rewards_in, "rewards");
-  check_group_offsets(group_offsets_in, rewards_in);
+  checks::check_group_op(rewards_in, "rewards", group_offsets_in, at::kCUDA);
+  check_grid(group_offsets_in.size(0) - 1, "groups");
   const at::Tensor rewards = rewards_in.contiguous();
   const at::Tensor group_offsets = group_offsets_in.contiguous();
   const c10::cuda::CUDAGuard guard(rewards.device());

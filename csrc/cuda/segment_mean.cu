@@ -51,13 +51,6 @@ __global__ void segment_mean_bwd_kernel(const scalar_t* __restrict__ grad,
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) grad_values[i] = g;
 }
 
-void check_cu_seqlens(const at::Tensor& cu_seqlens, const at::Device& device) {
-  ICPO_CHECK_DEVICE(cu_seqlens, device);
-  ICPO_CHECK_DIM(cu_seqlens, 1);
-  ICPO_CHECK_INDEX(cu_seqlens);
-  TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens must have at least one entry (B + 1 >= 1)");
-  check_grid(cu_seqlens.size(0) - 1, "segments");
-}
 
 // Threads per segment from the mean segment length (responses: hundreds to thousands of tokens).
 int segment_threads(int64_t total, int64_t segments) {
@@ -66,8 +59,8 @@ int segment_threads(int64_t total, int64_t segments) {
 
 // Inputs are made contiguous here (a no-op from the Python wrappers), as the CPU kernels do.
 at::Tensor segment_mean_cuda(const at::Tensor& values_in, const at::Tensor& cu_seqlens_in) {
-  check_float_vector(values_in, "values");
-  check_cu_seqlens(cu_seqlens_in, values_in.device());
+  checks::check_segment_mean(values_in, "values", cu_seqlens_in, at::kCUDA);
+  check_grid(cu_seqlens_in.size(0) - 1, "segments");
   const at::Tensor values = values_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const c10::cuda::CUDAGuard guard(values.device());
@@ -92,13 +85,10 @@ at::Tensor segment_mean_cuda(const at::Tensor& values_in, const at::Tensor& cu_s
 at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& cu_seqlens_in,
                                  c10::SymInt total_sym) {
   const int64_t total = total_sym.expect_int();
-  check_float_vector(grad_in, "grad");
-  check_cu_seqlens(cu_seqlens_in, grad_in.device());
-  TORCH_CHECK(grad_in.size(0) == cu_seqlens_in.size(0) - 1, "grad must have shape [",
-              cu_seqlens_in.size(0) - 1, "] (one entry per segment), got ", grad_in.sizes());
+  checks::check_segment_mean_bwd(grad_in, cu_seqlens_in, total, at::kCUDA);
+  check_grid(cu_seqlens_in.size(0) - 1, "segments");
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  TORCH_CHECK(total >= 0, "total must be >= 0, got ", total);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t segments = grad.size(0);
   // Zeros, not empty: positions outside every segment (malformed cu_seqlens) get no gradient

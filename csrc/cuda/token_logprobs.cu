@@ -150,50 +150,21 @@ int row_threads(int64_t vocab, int64_t elem_size) {
   return threads_for(vocab * elem_size / (16 * 4), 512);
 }
 
-void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels,
-                         double inv_temperature) {
-  TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-  ICPO_CHECK_DIM(logits, 2);
-  ICPO_CHECK_FLOATING(logits);
-  TORCH_CHECK(logits.size(1) > 0, "logits must have a non-empty vocabulary dimension, got shape ",
-              logits.sizes());
-  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
-              "logits must have unit stride along the vocabulary, got strides ", logits.strides());
-  ICPO_CHECK_DEVICE(labels, logits.device());
-  ICPO_CHECK_DIM(labels, 1);
-  ICPO_CHECK_DTYPE(labels, at::kLong);
-  ICPO_CHECK_SIZE(labels, 0, logits.size(0));
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
+// The checks shared with the CPU op (checks.h), and the grid limit of one block per row.
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, double inv_temperature) {
+  checks::check_token_logprobs(logits, labels, inv_temperature, at::kCUDA);
   check_grid(logits.size(0), "rows of logits");
-}
-
-// float32, or float64 for float64 logits: the dtype of the forward's outputs.
-at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// A [T] per-row input of the backward, as the contiguous acc-dtype tensor the kernel reads
-// (gradients may arrive in another float dtype or as expanded views).
-at::Tensor row_vector(const at::Tensor& x, const char* name, const at::Tensor& logits) {
-  TORCH_CHECK(x.device() == logits.device(), name, " must be on ", logits.device(), ", got ",
-              x.device());
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == logits.size(0), name, " must have shape [",
-              logits.size(0), "], got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a float tensor, got ",
-              x.scalar_type());
-  return x.to(acc_dtype(logits)).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels_in, double inv_temperature,
     int64_t ignore_index) {
-  check_logits_labels(logits, labels_in, inv_temperature);
+  check_inputs(logits, labels_in, inv_temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor labels = labels_in.contiguous();
   const int64_t rows = logits.size(0);
   const int64_t vocab = logits.size(1);
-  const auto opts = logits.options().dtype(acc_dtype(logits));
+  const auto opts = logits.options().dtype(checks::acc_dtype(logits));
   at::Tensor logp = at::empty({rows}, opts);
   at::Tensor entropy = at::empty({rows}, opts);
   at::Tensor lse = at::empty({rows}, opts);
@@ -216,13 +187,13 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor
                                    const at::Tensor& logits, const at::Tensor& labels_in,
                                    const at::Tensor& lse, const at::Tensor& entropy,
                                    double inv_temperature, int64_t ignore_index) {
-  check_logits_labels(logits, labels_in, inv_temperature);
+  check_inputs(logits, labels_in, inv_temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor g_logp = row_vector(grad_logp, "grad_logp", logits);
-  const at::Tensor g_entropy = row_vector(grad_entropy, "grad_entropy", logits);
-  const at::Tensor lse_acc = row_vector(lse, "lse", logits);
-  const at::Tensor entropy_acc = row_vector(entropy, "entropy", logits);
+  const at::Tensor g_logp = checks::row_vector(grad_logp, "grad_logp", logits);
+  const at::Tensor g_entropy = checks::row_vector(grad_entropy, "grad_entropy", logits);
+  const at::Tensor lse_acc = checks::row_vector(lse, "lse", logits);
+  const at::Tensor entropy_acc = checks::row_vector(entropy, "entropy", logits);
   const int64_t rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   at::Tensor grad_logits = at::empty({rows, vocab}, logits.options());
