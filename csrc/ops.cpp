@@ -1,7 +1,9 @@
-// Every icpo operator's schema lives here; the implementations register themselves per backend
-// (CPU in csrc/*.cpp, CUDA in csrc/cuda/*.cu). The Python wrappers in icpo/ops/ validate inputs,
-// build group offsets and attach autograd; these ops trust what they are given beyond the
-// checks in checks.h.
+// The schema of every kernel op lives here; the implementations register themselves per backend
+// (CPU in csrc/*.cpp, CUDA in csrc/cuda/*.cu). The three ops that choose the CPU kernel variant
+// (cpu_capability, supported_cpu_capabilities, set_cpu_capability) are defined together with
+// their implementation in csrc/cpu_dispatch.cpp: they take no tensor, so there is nothing to
+// dispatch per backend. The Python wrappers in icpo/ops/ validate inputs, build group offsets and
+// attach autograd; these ops check again what memory safety needs (checks.h).
 #include <Python.h>
 #include <torch/library.h>
 
