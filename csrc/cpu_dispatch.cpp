@@ -43,8 +43,8 @@ struct Variant {
 
 #define ICPO_VARIANT(isa, name, level)                                                        \
   Variant {                                                                                   \
-    Kernels{name, &isa::token_logprobs_fwd, &isa::token_logprobs_bwd, &isa::segment_mean,     \
-            &isa::segment_mean_bwd},                                                          \
+    Kernels{name, &isa::token_logprobs_fwd, &isa::token_logprobs_bwd,                        \
+            &isa::linear_token_logprobs_dlogits, &isa::segment_mean, &isa::segment_mean_bwd}, \
         level                                                                                 \
   }
 

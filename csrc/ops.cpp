@@ -26,6 +26,18 @@ TORCH_LIBRARY(icpo, m) {
   // written in logits' dtype; zero on ignored rows.
   m.def("token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels,"
         " Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
+  // hidden [T, H], weight [V, H], bias [V] or None (one float dtype), labels int64 [T]: as
+  // token_logprobs_fwd on logits = hidden @ weight^T + bias, which are never held whole: tokens
+  // go through chunk_size rows at a time (0: a 64 MiB buffer on CPU). -> (logp, entropy, lse).
+  m.def("linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels,"
+        " float inv_temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_hidden, grad_weight, grad_bias) in hidden's dtype, recomputing the logits in
+  // vocabulary slices; an output whose output_mask entry is false (grad_bias also without a
+  // bias) is an empty [0] tensor.
+  m.def("linear_token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor hidden,"
+        " Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy,"
+        " float inv_temperature, int ignore_index, int chunk_size, bool[3] output_mask)"
+        " -> (Tensor, Tensor, Tensor)");
   // values [T] float, cu_seqlens int32/int64 [B+1] -> [B] means, values' dtype.
   m.def("segment_mean(Tensor values, Tensor cu_seqlens) -> Tensor");
   // grad [B] -> [T]: grad[b] / len_b on every position of segment b.

@@ -33,6 +33,13 @@ namespace icpo::cpu {
                           const at::Tensor& grad_logp, const at::Tensor& grad_entropy,            \
                           const at::Tensor& lse, const at::Tensor& entropy,                       \
                           double inv_temperature, int64_t ignore_index, at::Tensor& grad);        \
+  /* In place: logits [R, n] (unit column stride) holds columns [col0, col0 + n) of R rows;   \
+     labels [R] (validated, absolute), grad_logp, grad_entropy, lse, entropy: contiguous [R] in \
+     the accumulation dtype. Each row becomes its d(loss)/d(logits) (zero on ignored rows). */   \
+  void linear_token_logprobs_dlogits(at::Tensor& logits, const int64_t* labels, int64_t col0,    \
+                                     const at::Tensor& grad_logp, const at::Tensor& grad_entropy, \
+                                     const at::Tensor& lse, const at::Tensor& entropy,            \
+                                     double inv_temperature, int64_t ignore_index);               \
   /* values [T] contiguous, cu_seqlens [B+1] contiguous (validated) -> out [B]. */               \
   void segment_mean(const at::Tensor& values, const at::Tensor& cu_seqlens, at::Tensor& out);    \
   /* grad [B] contiguous, cu_seqlens [B+1] contiguous (validated) -> out [T]. */                 \
@@ -48,6 +55,7 @@ struct Kernels {
   const char* name;  // "default", "avx2", "avx512" or "native"
   decltype(&icpo_default::token_logprobs_fwd) token_logprobs_fwd;
   decltype(&icpo_default::token_logprobs_bwd) token_logprobs_bwd;
+  decltype(&icpo_default::linear_token_logprobs_dlogits) linear_token_logprobs_dlogits;
   decltype(&icpo_default::segment_mean) segment_mean;
   decltype(&icpo_default::segment_mean_bwd) segment_mean_bwd;
 };

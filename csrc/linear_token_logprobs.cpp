@@ -1,0 +1,116 @@
+// CPU ops icpo::linear_token_logprobs_fwd / _bwd (schemas in ops.cpp): the label's log-prob and
+// the entropy of softmax((hidden @ weight^T + bias) * inv_temperature), per token, without ever
+// holding the [T, V] logits or their gradient. The driver (csrc/linear_token_logprobs.h) is
+// shared with CUDA; this file holds the CPU row passes and the checks.
+//
+// Design (memory first: the target is <= 5 % of the fp32 [T, V] logits in extra memory over
+// forward + backward, ~250 MB at T = 8192, V = 151936):
+//
+// - Forward: tokens in chunks of `fwd_rows` whole rows. Per chunk one GEMM (addmm with the bias)
+//   into ONE reused [rows, V] buffer, then token_logprobs' fused row pass (online log-sum-exp,
+//   label, entropy; cpu::kernels().token_logprobs_fwd on the chunk view) writes logp, entropy
+//   and lse. Saved for backward: hidden, weight, bias, labels and the [T] lse and entropy.
+//
+// - Backward: tiled over VOCABULARY SLICES, not token chunks. With lse and entropy saved, each
+//   dlogit depends only on its own logit and per-row scalars, so for a slice [v0, v1):
+//     dz = hidden @ W_s^T (+ b_s)          recomputed into the same buffer, [T, Vs]
+//     dz <- dlogits in place               (csrc/cpu/linear_token_logprobs_kernel.cpp)
+//     d_W[v0:v1] = dz^T @ hidden            ONE GEMM over all tokens: written once, rounded once
+//     d_hidden  += dz @ W_s                 an fp32 [T, H] sum (bf16: 64 MB at T 8192, H 2048)
+//     d_b[v0:v1] = column sums of dz
+//   Token chunks would instead have to sum d_W [V, H] over chunks: in bf16 that loses bits at
+//   every chunk, in fp32 it costs V * H * 4 bytes (1.2 GB at H = 2048). Summing d_hidden over
+//   slices costs only the small [T, H]. Each slice's bf16 partial of d_hidden is rounded once
+//   before the fp32 sum (ATen's CPU GEMM has no bf16 -> fp32 output); d_W and d_b are rounded
+//   once. When T is so large that a slice would be narrower than kMinSliceCols, tokens are
+//   split too and d_W sums over token tiles (in fp32 per slice for bf16).
+//
+// - The buffer holds `chunk_size` x V elements (default: kBudgetBytes, 64 MiB), in the forward
+//   as [chunk_size, V], in the backward as [T, Vs] with Vs = chunk_size * V / T. Extra memory at
+//   T = 8192, H = 2048: fp32 ~64 MiB; bf16 ~160 MiB (buffer, fp32 d_hidden sum, its bf16 slice
+//   partial), besides the gradients themselves.
+//
+// - Time: 4 GEMMs of 2 T H V flops (forward, backward's recompute, d_hidden, d_W) plus two
+//   elementwise passes; materializing the logits saves the recompute but faults in two [T, V]
+//   buffers per step. The GEMMs are ATen's (MKL for fp32, oneDNN for bf16), threaded like
+//   torch.get_num_threads(); the row passes use at::parallel_for.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "linear_token_logprobs.h"
+
+namespace icpo {
+namespace {
+
+constexpr int64_t kBudgetBytes = int64_t{64} << 20;
+
+struct CpuRows {
+  static void forward(const at::Tensor& logits, const at::Tensor& labels, double inv_t,
+                      int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy,
+                      at::Tensor& lse) {
+    cpu::kernels().token_logprobs_fwd(logits, labels.const_data_ptr<int64_t>(), inv_t,
+                                      ignore_index, logp, entropy, lse);
+  }
+  static void dlogits(at::Tensor& logits, const at::Tensor& labels, int64_t col0,
+                      const at::Tensor& gl, const at::Tensor& gh, const at::Tensor& ls,
+                      const at::Tensor& en, double inv_t, int64_t ignore_index) {
+    cpu::kernels().linear_token_logprobs_dlogits(logits, labels.const_data_ptr<int64_t>(), col0,
+                                                 gl, gh, ls, en, inv_t, ignore_index);
+  }
+};
+
+// Labels index into each row, so an out-of-range one would read outside it: refuse it here too
+// (the Python wrapper reports it more helpfully, but compiled graphs skip that check).
+at::Tensor checked_labels(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
+  at::Tensor lab = labels.contiguous();
+  const int64_t* p = lab.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < lab.size(0); ++r) {
+    TORCH_CHECK(p[r] == ignore_index || (p[r] >= 0 && p[r] < V), "labels[", r, "] = ", p[r],
+                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
+  return lab;
+}
+
+void check_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+               double inv_temperature, int64_t chunk_size) {
+  ICPO_CHECK_DEVICE(hidden, at::kCPU);
+  linear_logprobs::check_inputs(hidden, weight, bias, labels, inv_temperature, chunk_size);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, double inv_temperature, int64_t ignore_index, int64_t chunk_size) {
+  check_cpu(hidden, weight, bias, labels, inv_temperature, chunk_size);
+  const at::Tensor lab = checked_labels(labels, weight.size(0), ignore_index);
+  return linear_logprobs::forward<CpuRows>(hidden, weight, bias, lab, inv_temperature,
+                                           ignore_index, chunk_size, kBudgetBytes);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
+    const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+    const at::Tensor& lse, const at::Tensor& entropy, double inv_temperature,
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask) {
+  check_cpu(hidden, weight, bias, labels, inv_temperature, chunk_size);
+  const at::Tensor lab = checked_labels(labels, weight.size(0), ignore_index);
+  return linear_logprobs::backward<CpuRows>(grad_logp, grad_entropy, hidden, weight, bias, lab,
+                                            lse, entropy, inv_temperature, ignore_index,
+                                            chunk_size, output_mask, kBudgetBytes);
+}
+
+TORCH_LIBRARY_IMPL(icpo, CPU, m) {
+  m.impl("linear_token_logprobs_fwd", &linear_token_logprobs_fwd_cpu);
+  m.impl("linear_token_logprobs_bwd", &linear_token_logprobs_bwd_cpu);
+}
+
+}  // namespace icpo

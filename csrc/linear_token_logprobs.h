@@ -1,0 +1,243 @@
+// The chunked driver of icpo::linear_token_logprobs_fwd / _bwd, shared by the CPU implementation
+// (csrc/linear_token_logprobs.cpp, which explains the design) and the CUDA one
+// (csrc/cuda/linear_token_logprobs.cu). It runs the GEMMs through ATen (MKL / oneDNN on CPU,
+// cuBLAS on the current stream on CUDA, threads as torch.get_num_threads()) and leaves the row
+// passes to the backend's `Rows`:
+//
+//   struct Rows {
+//     // logits [n, V] (a chunk of rows, unit column stride), labels [n] -> logp, entropy, lse [n]
+//     static void forward(const at::Tensor& logits, const at::Tensor& labels, double inv_t,
+//                         int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy,
+//                         at::Tensor& lse);
+//     // in place: logits [nt, nv] = columns [col0, col0 + nv) of nt rows -> their dlogits
+//     static void dlogits(at::Tensor& logits, const at::Tensor& labels, int64_t col0,
+//                         const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+//                         const at::Tensor& lse, const at::Tensor& entropy, double inv_t,
+//                         int64_t ignore_index);
+//   };
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+
+namespace icpo::linear_logprobs {
+
+// float32, or float64 for float64 inputs: the dtype of the per-token outputs and accumulators.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Shapes, dtypes, devices and scalars; label values are checked by the callers (on CPU here in
+// C++, on CUDA by the Python wrapper, since reading them would need a host sync).
+inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                         double inv_temperature, int64_t chunk_size) {
+  ICPO_CHECK_DIM(hidden, 2);
+  ICPO_CHECK_FLOATING(hidden);
+  ICPO_CHECK_DIM(weight, 2);
+  ICPO_CHECK_DTYPE(weight, hidden.scalar_type());
+  ICPO_CHECK_DEVICE(weight, hidden.device());
+  TORCH_CHECK(weight.size(0) >= 1, "weight must have a vocabulary dimension >= 1, got shape ",
+              weight.sizes());
+  ICPO_CHECK_SIZE(weight, 1, hidden.size(1));
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), "bias must have shape [",
+                weight.size(0), "] (weight's rows), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == hidden.scalar_type(), "bias must be ", hidden.scalar_type(),
+                " (hidden's dtype), got ", b.scalar_type());
+    TORCH_CHECK(b.device() == hidden.device(), "bias must be on ", hidden.device(), ", got ",
+                b.device());
+  }
+  ICPO_CHECK_DIM(labels, 1);
+  ICPO_CHECK_DTYPE(labels, at::kLong);
+  ICPO_CHECK_DEVICE(labels, hidden.device());
+  ICPO_CHECK_SIZE(labels, 0, hidden.size(0));
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "inv_temperature must be finite and > 0, got ", inv_temperature);
+  TORCH_CHECK(chunk_size >= 0, "chunk_size must be >= 0 (0: automatic), got ", chunk_size);
+}
+
+// How the [T, V] logits are cut. The forward takes `fwd_rows` whole rows at a time; the backward
+// reuses a buffer of as many elements as tiles of `bwd_rows` x `bwd_cols` (vocabulary slices
+// across all tokens when they fit, so each slice of d_weight is one GEMM, written once).
+struct Tiles {
+  int64_t fwd_rows, bwd_rows, bwd_cols;
+};
+
+// Narrowest vocabulary slice the backward takes before it also splits the tokens (narrower
+// GEMMs lose speed), and the multiple slices are rounded down to (aligned rows of weight).
+constexpr int64_t kMinSliceCols = 128;
+constexpr int64_t kSliceAlign = 64;
+
+inline Tiles plan(int64_t T, int64_t V, int64_t elem_size, int64_t chunk_size,
+                  int64_t budget_bytes) {
+  const int64_t t = std::max<int64_t>(T, 1);
+  int64_t rows = chunk_size > 0 ? chunk_size : budget_bytes / (V * elem_size);
+  rows = std::clamp<int64_t>(rows, 1, t);
+  const int64_t elems = rows * V;
+  int64_t cols = std::min(V, elems / t);
+  if (cols < V) {
+    cols = std::max(std::min(V, kMinSliceCols), cols - cols % kSliceAlign);
+  }
+  const int64_t bwd_rows = std::clamp<int64_t>(elems / cols, 1, t);
+  return {rows, bwd_rows, cols};
+}
+
+// out = h @ w_t (+ bias), the row-broadcast bias added by the GEMM itself.
+inline void logits_into(at::Tensor& out, const at::Tensor& h, const at::Tensor& w_t,
+                        const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, h, w_t);
+  } else {
+    at::mm_out(out, h, w_t);
+  }
+}
+
+template <class Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& labels,
+                                                       double inv_temperature,
+                                                       int64_t ignore_index, int64_t chunk_size,
+                                                       int64_t budget_bytes) {
+  const int64_t T = hidden.size(0), V = weight.size(0);
+  const auto opts = hidden.options().dtype(acc_dtype(hidden));
+  at::Tensor logp = at::empty({T}, opts), entropy = at::empty({T}, opts),
+             lse = at::empty({T}, opts);
+  if (T == 0) return {logp, entropy, lse};
+  const Tiles tiles = plan(T, V, hidden.element_size(), chunk_size, budget_bytes);
+  const at::Tensor buf = at::empty({tiles.fwd_rows * V}, hidden.options());
+  const at::Tensor w_t = weight.t();
+  for (int64_t t0 = 0; t0 < T; t0 += tiles.fwd_rows) {
+    const int64_t n = std::min(tiles.fwd_rows, T - t0);
+    at::Tensor logits = buf.narrow(0, 0, n * V).view({n, V});
+    logits_into(logits, hidden.narrow(0, t0, n), w_t, bias);
+    at::Tensor lp = logp.narrow(0, t0, n), en = entropy.narrow(0, t0, n),
+               ls = lse.narrow(0, t0, n);
+    Rows::forward(logits, labels.narrow(0, t0, n), inv_temperature, ignore_index, lp, en, ls);
+  }
+  return {logp, entropy, lse};
+}
+
+// A [T] per-row input of the backward as the contiguous accumulation-dtype tensor the row
+// kernels read (gradients may arrive in another float dtype or as expanded views).
+inline at::Tensor row_vector(const at::Tensor& x, const char* name, const at::Tensor& hidden) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == hidden.size(0), name, " must have shape [",
+              hidden.size(0), "], got ", x.sizes());
+  TORCH_CHECK(x.device() == hidden.device(), name, " must be on ", hidden.device(), ", got ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a float tensor, got ",
+              x.scalar_type());
+  return x.to(acc_dtype(hidden)).contiguous();
+}
+
+// -> (d_hidden [T, H], d_weight [V, H], d_bias [V]) in hidden's dtype; an output whose
+// output_mask entry is false (d_bias also when there is no bias) is an empty [0] tensor.
+template <class Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+    const at::Tensor& lse, const at::Tensor& entropy, double inv_temperature,
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask,
+    int64_t budget_bytes) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const at::Tensor gl = row_vector(grad_logp, "grad_logp", hidden);
+  const at::Tensor gh = row_vector(grad_entropy, "grad_entropy", hidden);
+  const at::Tensor ls = row_vector(lse, "lse", hidden);
+  const at::Tensor en = row_vector(entropy, "entropy", hidden);
+  const bool need_h = output_mask[0], need_w = output_mask[1];
+  const bool need_b = output_mask[2] && bias.has_value();
+  const at::ScalarType acc = acc_dtype(hidden);
+  const bool lowp = hidden.scalar_type() != acc;
+  const auto opts = hidden.options();
+  // Each unneeded output its own empty tensor: outputs of an op must not alias one another.
+  const auto none = [&] { return at::empty({0}, opts); };
+  // bf16 / fp16 GEMMs round their output to the input dtype, so the sums over tiles (d_hidden
+  // over vocabulary slices, d_bias and, when tokens are split, d_weight over token tiles) are
+  // kept in fp32 and rounded once at the end; fp32 / fp64 accumulate in the outputs.
+  at::Tensor d_hidden = need_h ? at::zeros({T, H}, opts.dtype(acc)) : none();
+  at::Tensor d_weight = need_w ? at::empty({V, H}, opts) : none();
+  at::Tensor d_bias = need_b ? at::zeros({V}, opts.dtype(acc)) : none();
+  const auto finish = [&] {
+    return std::make_tuple(need_h ? d_hidden.to(hidden.scalar_type()) : d_hidden, d_weight,
+                           need_b ? d_bias.to(hidden.scalar_type()) : d_bias);
+  };
+  if (T == 0 || !(need_h || need_w || need_b)) {
+    if (need_w) d_weight.zero_();
+    return finish();
+  }
+  const Tiles tiles = plan(T, V, hidden.element_size(), chunk_size, budget_bytes);
+  const int64_t rows = tiles.bwd_rows, cols = tiles.bwd_cols;
+  const bool split_tokens = rows < T;
+  const at::Tensor buf = at::empty({rows * cols}, opts);
+  const at::Tensor h_part = (lowp && need_h) ? at::empty({rows, H}, opts) : none();
+  const at::Tensor w_part = (lowp && need_w && split_tokens) ? at::empty({cols, H}, opts) : none();
+  const at::Tensor w_acc =
+      (lowp && need_w && split_tokens) ? at::empty({cols, H}, opts.dtype(acc)) : none();
+  for (int64_t v0 = 0; v0 < V; v0 += cols) {
+    const int64_t nv = std::min(cols, V - v0);
+    const at::Tensor w_s = weight.narrow(0, v0, nv);
+    const at::Tensor w_st = w_s.t();
+    std::optional<at::Tensor> b_s;
+    if (bias.has_value()) b_s = bias->narrow(0, v0, nv);
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      const int64_t nt = std::min(rows, T - t0);
+      const at::Tensor h = hidden.narrow(0, t0, nt);
+      at::Tensor dz = buf.narrow(0, 0, nt * nv).view({nt, nv});
+      logits_into(dz, h, w_st, b_s);
+      Rows::dlogits(dz, labels.narrow(0, t0, nt), v0, gl.narrow(0, t0, nt),
+                    gh.narrow(0, t0, nt), ls.narrow(0, t0, nt), en.narrow(0, t0, nt),
+                    inv_temperature, ignore_index);
+      if (need_h) {
+        at::Tensor dh = d_hidden.narrow(0, t0, nt);
+        if (lowp) {
+          at::Tensor part = h_part.narrow(0, 0, nt);
+          at::mm_out(part, dz, w_s);
+          dh.add_(part);
+        } else {
+          dh.addmm_(dz, w_s);
+        }
+      }
+      if (need_w) {
+        at::Tensor dw = d_weight.narrow(0, v0, nv);
+        if (!split_tokens) {
+          at::mm_out(dw, dz.t(), h);
+        } else if (!lowp) {
+          if (t0 == 0) {
+            at::mm_out(dw, dz.t(), h);
+          } else {
+            dw.addmm_(dz.t(), h);
+          }
+        } else {
+          at::Tensor part = w_part.narrow(0, 0, nv), sum = w_acc.narrow(0, 0, nv);
+          at::mm_out(part, dz.t(), h);
+          if (t0 == 0) {
+            sum.copy_(part);
+          } else {
+            sum.add_(part);
+          }
+          if (t0 + nt == T) dw.copy_(sum);
+        }
+      }
+      if (need_b) d_bias.narrow(0, v0, nv).add_(at::sum(dz, {0}, false, acc));
+    }
+  }
+  return finish();
+}
+
+}  // namespace icpo::linear_logprobs
