@@ -1,10 +1,11 @@
-"""``icpo data``, ``icpo train``, ``icpo eval`` and ``icpo filter-coarse``.
+"""``icpo data``, ``icpo train``, ``icpo eval``, ``icpo filter-coarse`` and ``icpo export``.
 
   icpo data make-arithmetic --out data/arithmetic   # the tiny task's train.jsonl / val.jsonl
   icpo train --config examples/configs/tiny_cpu.yaml data.train_files=[data/arithmetic/train.jsonl]
   icpo train --config outputs/run/config.yaml --resume   # newest checkpoint in trainer.output_dir
   icpo eval --model icpo/tiny --data data/arithmetic/val.jsonl --n 4 --temperature 1.0
   icpo filter-coarse --model icpo/tiny --data train.jsonl --out coarse.jsonl  # paper's coarse data
+  icpo export --adapter outputs/run/checkpoints/step_000010 --out merged/  # LoRA -> plain HF model
 
 Config fields: ``icpo train --help`` or docs/config.md.
 """
@@ -102,6 +103,24 @@ def _filter_coarse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from icpo.errors import UserError
+    from icpo.models import lora  # its checks import no torch
+
+    adapter = lora.find_adapter_folder(args.adapter, "--adapter")
+    lora.check_export_out(args.out, args.overwrite, "--out")
+    base, flag = args.model, "--model"
+    if base is None:
+        base, flag = lora.adapter_base_model(adapter), "--adapter's base_model_name_or_path"
+        if base is None:
+            raise UserError(f"--adapter: {adapter} records no base model; pass --model")
+    base = lora.check_base_model(base, flag)
+    dtype = None if args.dtype == "auto" else args.dtype
+    out = lora.export_merged(base, adapter, args.out, dtype=dtype, overwrite=args.overwrite)
+    print(json.dumps({"model": base, "adapter": str(adapter), "out": str(out)}))
+    return 0
+
+
 def _make_arithmetic(args: argparse.Namespace) -> int:
     import os
 
@@ -189,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
     fc.add_argument("--overwrite", action="store_true", help="replace existing output files")
     fc.set_defaults(fn=_filter_coarse)
+
+    ex = sub.add_parser(
+        "export", help="merge LoRA adapters into their base model: a plain Hugging Face folder",
+        description="Load the base model, add the LoRA adapters (W + B·A·alpha/r) and save the "
+        "result with the tokenizer as a Hugging Face model folder that loads without PEFT.")
+    ex.add_argument("--adapter", required=True,
+                    help="PEFT adapter folder, or a LoRA checkpoint (checkpoints/step_N)")
+    ex.add_argument("--model", default=None,
+                    help="base model (default: the adapter's base_model_name_or_path)")
+    ex.add_argument("--out", required=True, help="folder to write (refused if it holds anything)")
+    ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights' dtype (auto: the base checkpoint's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.set_defaults(fn=_export)
     return parser
 
 
