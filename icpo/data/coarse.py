@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from icpo._io import atomic_path
 from icpo.data.dataset import DataError, PromptDataset, _iter_raw, _to_record
 
 OUTPUT_TYPES = (".jsonl", ".parquet")
@@ -142,18 +142,9 @@ def _read(spec: CoarseFilterSpec) -> tuple[list[Any], list[dict]]:
 
 
 def _write_atomic(path: str, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``write(tmp_path)`` then rename onto ``path``: never a half-written file (``icpo._io``)."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _write_records(path: str, rows: list[dict]) -> None:

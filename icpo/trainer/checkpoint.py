@@ -23,15 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from icpo._io import atomic_write_text
 from icpo.trainer import distributed as dist
 
 _DS_TAG = "state"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,7 +75,7 @@ def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)  # put back at start if a crash comes before the next line
         os.replace(tmp, final)
-        _write_text_atomic(root / "latest", name)
+        atomic_write_text(root / "latest", name)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
