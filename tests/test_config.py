@@ -8,8 +8,12 @@ import pytest
 import yaml
 
 from icpo.config import (
+    ActorConfig,
+    AlgorithmConfig,
     Config,
     ConfigError,
+    OmegaConfig,
+    RolloutConfig,
     config_from_dict,
     field_docs,
     load_config,
@@ -23,10 +27,12 @@ PAPER_PRESET = REPO / "examples" / "configs" / "paper_qwen2.5_7b.yaml"
 
 def test_defaults_are_valid_and_follow_table6():
     cfg = validate(Config())
-    assert (cfg.actor.lr, cfg.actor.kl_coef, cfg.actor.clip_low, cfg.actor.clip_high) == (1e-6, 0.001, 0.2, 0.2)
+    a, t = cfg.actor, cfg.trainer
+    assert (a.lr, a.kl_coef, a.clip_low, a.clip_high) == (1e-6, 0.001, 0.2, 0.2)
     assert (cfg.data.max_prompt_length, cfg.rollout.max_response_length) == (2048, 3072)
-    assert (cfg.trainer.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n) == (768, 192, 5)
-    assert (cfg.trainer.total_steps, cfg.algorithm.tau, cfg.algorithm.omega.schedule) == (500, 2.0, "warmup_decay")
+    assert (t.train_batch_size, a.ppo_mini_batch_size, cfg.rollout.n) == (768, 192, 5)
+    assert (t.total_steps, cfg.algorithm.tau, cfg.algorithm.omega.schedule) == (500, 2.0,
+                                                                                 "warmup_decay")
     assert (cfg.reward.answer_weight, cfg.reward.format_weight) == (0.9, 0.1)
     assert cfg.algorithm.delta is None and cfg.actor.betas == (0.9, 0.999)
 
@@ -41,6 +47,31 @@ def test_every_field_has_a_docstring():
     for f in dataclasses.fields(Config().algorithm.omega):
         assert f"algorithm.omega.{f.name}" in names
     assert all(v for v in docs.values())
+
+
+def test_allowed_names_of_the_lower_layers_are_the_config_literals():
+    """Each list of allowed names is written once, as a Literal of the schema; the algorithms
+    and the rollout package check their arguments against the same tuples."""
+    import typing
+
+    from icpo import algorithms, rollout
+
+    hints = {**{f"actor.{k}": v for k, v in typing.get_type_hints(ActorConfig).items()},
+             **{f"algorithm.{k}": v for k, v in typing.get_type_hints(AlgorithmConfig).items()}}
+    omega = typing.get_type_hints(OmegaConfig)["schedule"]
+    engine = typing.get_type_hints(RolloutConfig)["engine"]
+    pairs = {"actor.loss_agg_mode": algorithms.AGG_MODES,
+             "actor.kl_estimator": algorithms.KL_ESTIMATORS,
+             "actor.importance_sampling_level": algorithms.IS_LEVELS,
+             "algorithm.name": algorithms.ALGORITHMS,
+             "algorithm.confidence": algorithms.CONFIDENCE_KINDS,
+             "algorithm.std_scope": algorithms.advantages.STD_SCOPES,
+             "algorithm.group_of_one": algorithms.advantages.GROUP_OF_ONE}
+    for name, names in pairs.items():
+        assert typing.get_args(hints[name]) == names, name
+    assert typing.get_args(omega) == algorithms.SCHEDULES
+    assert typing.get_args(engine) == rollout.ENGINES == ("auto", "hf", "vllm")
+    assert set(algorithms.LENGTH_NORM_MODES) < set(algorithms.AGG_MODES)
 
 
 def test_yaml_overrides_and_save_round_trip(tmp_path):
@@ -195,6 +226,7 @@ def test_paper_preset_is_valid_and_matches_table6():
     assert (cfg.data.max_prompt_length, cfg.rollout.max_response_length) == (2048, 3072)
     assert (cfg.trainer.train_batch_size, cfg.actor.ppo_mini_batch_size) == (768, 192)
     assert (cfg.rollout.n, cfg.rollout.temperature, cfg.trainer.total_steps) == (5, 1.0, 500)
-    assert (cfg.algorithm.delta, cfg.algorithm.tau, cfg.algorithm.omega.schedule) == (0.4, 2.0, "warmup_decay")
+    alg = cfg.algorithm
+    assert (alg.delta, alg.tau, alg.omega.schedule) == (0.4, 2.0, "warmup_decay")
     assert (cfg.trainer.zero_stage, cfg.rollout.engine, cfg.data.template) == (3, "vllm", "r1")
     assert cfg.data.train_files and cfg.data.val_files

@@ -7,7 +7,7 @@ some prompts) go through ``group_offsets`` instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
 
@@ -18,12 +18,13 @@ from icpo.algorithms.losses import (
     check_packed,
     seq_ids_from_cu_seqlens,
 )
+from icpo.config.schema import Algorithm, Confidence, GroupOfOne, StdScope
 from icpo.ops import ICPOAdvantages
 
-ALGORITHMS = ("icpo", "grpo")
-CONFIDENCE_KINDS = ("mean_logprob", "log_mean_prob")
-STD_SCOPES = ("group", "batch")
-GROUP_OF_ONE = ("zero", "reward")
+ALGORITHMS = get_args(Algorithm)
+CONFIDENCE_KINDS = get_args(Confidence)
+STD_SCOPES = get_args(StdScope)
+GROUP_OF_ONE = get_args(GroupOfOne)
 
 
 @torch.no_grad()

@@ -20,19 +20,19 @@ Mode names are the peers' and do the peers' arithmetic (docs/compat.md): verl's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from icpo import ops
+from icpo.config.schema import AggMode, ISLevel, KLEstimator
 from icpo.ops._checks import check_index_tensor, check_offsets
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-             "grpo", "bnpo", "dr_grpo", "dapo")
+AGG_MODES = get_args(AggMode)
 #: Modes that divide by max_response_length (verl's loss_scale_factor, TRL's max_completion_length).
 LENGTH_NORM_MODES = ("seq-mean-token-sum-norm", "dr_grpo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-IS_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = get_args(KLEstimator)
+IS_LEVELS = get_args(ISLevel)
 
 #: Bounds that keep exp() finite in the ratio and in k3 (the same as verl's ``low_var_kl``).
 LOG_RATIO_CLAMP = 20.0

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, get_args
 
-SCHEDULES = ("warmup_decay", "warmup_retention", "linear_decay", "constant")
+from icpo.config.schema import OmegaSchedule
+
+SCHEDULES = get_args(OmegaSchedule)
 
 
 def _check_cfg(cfg: Any) -> tuple[str, float, float, float]:

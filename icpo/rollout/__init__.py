@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from icpo.config.schema import Engine
 from icpo.rollout.base import (
     FINISH_REASONS,
     RolloutBatch,
@@ -24,7 +25,7 @@ from icpo.rollout.base import (
 )
 from icpo.rollout.hf import HFRolloutEngine
 
-ENGINES = ("auto", "hf", "vllm")
+ENGINES = get_args(Engine)
 
 
 def vllm_available() -> bool:
