@@ -1,4 +1,4 @@
-"""Tests for examples/run_experiments.py and examples/experiment_report.py without training:
+"""Tests for experiments/run_experiments.py and experiments/experiment_report.py without training:
 plan (settings, dedup by effective config, seeds), resume detection, aggregation over seeds,
 the markdown/JSON report and the plots, on synthetic ``metrics.jsonl`` files."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 import experiment_data as xd  # noqa: E402
 import experiment_report as rep  # noqa: E402
@@ -415,7 +415,7 @@ def test_quick_mode_trains_reports_and_resumes(tmp_path):
     invocation that finds both runs finished and trains nothing."""
     import subprocess
 
-    cmd = [sys.executable, str(ROOT / "examples" / "run_experiments.py"), "--quick", "--seeds", "1",
+    cmd = [sys.executable, str(ROOT / "experiments" / "run_experiments.py"), "--quick", "--seeds", "1",
            "--jobs", "2", "--out", str(tmp_path / "q")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

@@ -79,7 +79,7 @@ def cheap(command: str) -> list[str] | None:
             return base + ["--max-samples", "2", "--max-new-tokens", "8", "--no-progress"]
     if args[0] == "python" and args[1] == "examples/train_icpo.py":
         return [sys.executable, *args[1:], "--train-size", "8", "--val-size", "4", *CHEAP_TRAIN]
-    if args[0] == "python" and args[1] == "examples/run_experiments.py":
+    if args[0] == "python" and args[1] == "experiments/run_experiments.py":
         return [sys.executable, *args[1:], "--help"]
     if args[0] in ("torchrun", "deepspeed"):
         return None

@@ -18,11 +18,11 @@ the preset's delta) are run once and shared. Each run is a subprocess of
 ``examples/train_icpo.py``, one after another; a finished run with the same config is skipped,
 so an interrupted invocation resumes where it stopped::
 
-    python examples/run_experiments.py                 # everything, 8 seeds (about 2 h)
-    python examples/run_experiments.py --quick         # GRPO vs ICPO, 2 seeds, short (minutes)
-    python examples/run_experiments.py --only noisy,coarse --seeds 4
-    python examples/run_experiments.py --dry-run       # print the plan and the time estimate
-    python examples/run_experiments.py --report-only   # rebuild the report from finished runs
+    python experiments/run_experiments.py                 # everything, 8 seeds (about 2 h)
+    python experiments/run_experiments.py --quick         # GRPO vs ICPO, 2 seeds (minutes)
+    python experiments/run_experiments.py --only noisy,coarse --seeds 4
+    python experiments/run_experiments.py --dry-run       # print the plan and the time estimate
+    python experiments/run_experiments.py --report-only   # rebuild the report from finished runs
 
 Runs go under ``--out`` (default ``outputs/experiments``, ``outputs/experiments_quick`` with
 ``--quick``; ``--task arithmetic`` adds ``_arithmetic`` to the default folders): ``data/``,
@@ -41,22 +41,26 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-import experiment_data as data  # noqa: E402  (sibling modules; examples/ is not a package)
+import experiment_data as data  # noqa: E402  (sibling modules; experiments/ is not a package)
 import experiment_report as report  # noqa: E402
 
-TRAIN_SCRIPT = HERE / "train_icpo.py"
-PRESET = HERE / "configs" / "routes_cpu.yaml"
+from icpo.config.schema import OmegaSchedule  # noqa: E402
+
+TRAIN_SCRIPT = ROOT / "examples" / "train_icpo.py"
+PRESET = ROOT / "examples" / "configs" / "routes_cpu.yaml"
 TASK_OVERRIDES = {"routes": (), "arithmetic": ("model.path=icpo/tiny", "rollout.max_response_length=64")}
 """Both tasks run the Table 6-shaped preset; ``arithmetic`` swaps in ``icpo/tiny`` and the
 response length of its quick-start preset (its worked solutions are longer)."""
-RESULTS_DIR = HERE.parent / "results" / "experiments"
+RESULTS_DIR = ROOT / "results" / "experiments"
 NOISE = ("reward.noise_fraction=0.4", "reward.noise_magnitude=0.3")
-SCHEDULES = ("warmup_decay", "warmup_retention", "linear_decay", "constant")
+SCHEDULES = typing.get_args(OmegaSchedule)
 DELTAS = (0.3, 0.4, 0.5, 0.6)
 GROUP_NAMES = ("main", "noisy", "coarse", "omega", "delta")
 QUICK_GROUPS = ("main",)
@@ -255,7 +259,7 @@ def execute(run: Run, preset: Path, keep_checkpoints: bool) -> None:
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {run.out_dir.name} exited with status {code}; see {log}:\n{tail}")
@@ -365,7 +369,7 @@ def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run], m
 def shown(path: Path) -> str:
     """``path`` relative to the repository when inside it: the committed report names no machine."""
     try:
-        return str(Path(path).resolve().relative_to(HERE.parent))
+        return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
 

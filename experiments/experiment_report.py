@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
+
+from icpo._io import atomic_path, atomic_write_text
 
 KEPT = "drop_mixed_groups/kept_group_frac"
 """Logged by the trainer under ``reward.drop_mixed_groups`` (not the paper's coarse protocol)."""
@@ -281,19 +281,6 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
     return "\n".join(lines + [""])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_group(path: Path, title: str, summaries: list[dict], panels) -> Path | None:
     """One panel per ``(key, label)`` of ``panels``, one line (mean, +-std band) per setting;
     None (nothing written) when no setting logged any of the keys."""
@@ -325,11 +312,9 @@ def plot_group(path: Path, title: str, summaries: list[dict], panels) -> Path | 
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -350,9 +335,9 @@ def write_report(exp_dir: str | Path, settings: list[dict], meta: dict) -> list[
     summaries = [summarize(s, load_setting(s)) for s in settings]
     comparisons = compare(summaries)
     written = [exp_dir / "results.md", exp_dir / "results.json"]
-    _write_atomic(written[0], render_markdown(summaries, comparisons, meta))
+    atomic_write_text(written[0], render_markdown(summaries, comparisons, meta))
     payload = {"meta": meta, "settings": summaries, "comparisons": comparisons}
-    _write_atomic(written[1], json.dumps(_jsonable(payload), indent=1) + "\n")
+    atomic_write_text(written[1], json.dumps(_jsonable(payload), indent=1) + "\n")
     for group in dict.fromkeys(s["group"] for s in summaries):
         members = [s for s in summaries if s["group"] == group]
         written.append(plot_group(exp_dir / "plots" / f"{group}.png",
