@@ -32,7 +32,8 @@ NO_TORCH = "\nimport sys\nprint('torch' in sys.modules, 'icpo._C' in sys.modules
 
 @pytest.mark.parametrize("argv,code", [(["--help"], 0), (["train", "--help"], 0),
                                        (["eval", "--help"], 0), (["train", "--bogus"], 2),
-                                       (["eval"], 2), (["data", "make-arithmetic", "--train", "x"], 2)])
+                                       (["eval"], 2),
+                                       (["data", "make-arithmetic", "--train", "x"], 2)])
 def test_help_and_argument_errors_do_not_import_torch(argv, code):
     proc = python(f"from icpo import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit as e:\n"
                   f"    assert e.code == {code}, e.code{NO_TORCH}")
@@ -50,7 +51,8 @@ def test_config_error_is_reported_before_torch_is_imported():
 def test_import_icpo_is_light_and_icpo_ops_registers_the_kernels():
     proc = python("import icpo, icpo.config" + NO_TORCH)
     assert proc.stdout.strip() == "False False", proc.stderr
-    proc = python("import icpo, torch\nicpo.ops.segment_mean\nprint(hasattr(torch.ops.icpo, 'segment_mean'))")
+    proc = python("import icpo, torch\nicpo.ops.segment_mean\n"
+                  "print(hasattr(torch.ops.icpo, 'segment_mean'))")
     assert proc.stdout.strip() == "True", proc.stderr
 
 
@@ -125,7 +127,8 @@ def test_apply_num_threads(one_thread):
 def test_make_arithmetic_writes_the_tiny_task(tmp_path):
     from icpo import cli
 
-    assert cli.main(["data", "make-arithmetic", "--out", str(tmp_path), "--train", "6", "--val", "3"]) == 0
+    argv = ["data", "make-arithmetic", "--out", str(tmp_path), "--train", "6", "--val", "3"]
+    assert cli.main(argv) == 0
     train = [json.loads(ln) for ln in (tmp_path / "train.jsonl").read_text().splitlines()]
     val = [json.loads(ln) for ln in (tmp_path / "val.jsonl").read_text().splitlines()]
     assert train == make_records("train", 6) and val == make_records("val", 3)

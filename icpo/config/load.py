@@ -22,7 +22,6 @@ import yaml
 from icpo._io import atomic_path
 from icpo.config.schema import AggMode, Config, ConfigError, describe
 
-
 # --------------------------------------------------------------------------- YAML reading
 
 class _Loader(yaml.SafeLoader):

@@ -61,17 +61,21 @@ class Difficulty:
             raise ValueError(f"Difficulty.min_ops: expected an int >= 1, got {self.min_ops!r}")
         if not isinstance(self.max_ops, int) or self.max_ops < self.min_ops:
             raise ValueError(
-                f"Difficulty.max_ops: expected an int >= min_ops ({self.min_ops}), got {self.max_ops!r}"
+                f"Difficulty.max_ops: expected an int >= min_ops ({self.min_ops}), "
+                f"got {self.max_ops!r}"
             )
         if not isinstance(self.max_operand, int) or self.max_operand < 1:
-            raise ValueError(f"Difficulty.max_operand: expected an int >= 1, got {self.max_operand!r}")
+            raise ValueError(
+                f"Difficulty.max_operand: expected an int >= 1, got {self.max_operand!r}")
         if not isinstance(self.max_abs_value, int) or self.max_abs_value < self.max_operand:
             raise ValueError(
                 "Difficulty.max_abs_value: expected an int >= max_operand "
                 f"({self.max_operand}), got {self.max_abs_value!r}"
             )
-        if not self.ops or any(o not in _PREC for o in self.ops) or len(set(self.ops)) != len(self.ops):
-            raise ValueError(f"Difficulty.ops: expected distinct operators from '+-*', got {self.ops!r}")
+        if (not self.ops or any(o not in _PREC for o in self.ops)
+                or len(set(self.ops)) != len(self.ops)):
+            raise ValueError(
+                f"Difficulty.ops: expected distinct operators from '+-*', got {self.ops!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +212,8 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split: expected one of {sorted(SPLIT_SEEDS)}, got {split!r}")
 
 
-def iter_expressions(split: str, seed: int | None = None, difficulty: Difficulty | None = None) -> Iterator[str]:
+def iter_expressions(split: str, seed: int | None = None,
+                     difficulty: Difficulty | None = None) -> Iterator[str]:
     """Endless deterministic stream of expressions belonging to ``split`` (may repeat)."""
     _check_split(split)
     d = difficulty or Difficulty()
@@ -223,7 +228,8 @@ def iter_expressions(split: str, seed: int | None = None, difficulty: Difficulty
             yield expr
 
 
-def make_records(split: str, n: int, seed: int | None = None, difficulty: Difficulty | None = None) -> list[dict]:
+def make_records(split: str, n: int, seed: int | None = None,
+                 difficulty: Difficulty | None = None) -> list[dict]:
     """``n`` distinct problems of ``split`` as records in verl's schema.
 
     Args:
@@ -234,7 +240,8 @@ def make_records(split: str, n: int, seed: int | None = None, difficulty: Diffic
 
     Returns:
         list of dicts with keys data_source, prompt (one user message), ability, reward_model
-        ({"style": "rule", "ground_truth": "<int>"}) and extra_info (split, index, expression, num_ops).
+        ({"style": "rule", "ground_truth": "<int>"}) and extra_info (split, index, expression,
+        num_ops).
     Raises ValueError when the difficulty level has fewer than ``n`` distinct expressions.
     """
     if not isinstance(n, int) or n <= 0:
@@ -248,7 +255,8 @@ def make_records(split: str, n: int, seed: int | None = None, difficulty: Diffic
             misses += 1
             if misses > max_misses:
                 raise ValueError(
-                    f"n: only {len(records)} distinct {split} expressions found at {d}; asked for {n}"
+                    f"n: only {len(records)} distinct {split} expressions found at {d}; "
+                    f"asked for {n}"
                 )
             continue
         seen.add(expr)
@@ -258,7 +266,8 @@ def make_records(split: str, n: int, seed: int | None = None, difficulty: Diffic
             "prompt": [{"role": "user", "content": question(expr)}],
             "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": str(answer)},
-            "extra_info": {"split": split, "index": len(records), "expression": expr, "num_ops": len(steps)},
+            "extra_info": {"split": split, "index": len(records), "expression": expr,
+                           "num_ops": len(steps)},
         })
         if len(records) == n:
             return records
@@ -272,11 +281,13 @@ def write_jsonl(records: list[dict], path: str | os.PathLike) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: writes ``train.jsonl`` and ``val.jsonl`` (and ``test.jsonl`` if asked) under --out."""
-    p = argparse.ArgumentParser(prog="python -m icpo.tasks.arithmetic", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m icpo.tasks.arithmetic",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train", type=int, default=4096, help="number of train problems")
     p.add_argument("--val", type=int, default=512, help="number of held-out val problems")
-    p.add_argument("--test", type=int, default=0, help="number of held-out test problems (0 = none)")
+    p.add_argument("--test", type=int, default=0,
+                   help="number of held-out test problems (0 = none)")
     default = Difficulty()
     for field, value in asdict(default).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)

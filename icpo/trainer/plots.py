@@ -1,4 +1,4 @@
-"""A PNG of a run's curves from its ``metrics.jsonl`` (reward, held-out accuracy, entropy, omega)."""
+"""A PNG of a run's curves from its ``metrics.jsonl``: reward, held-out accuracy, entropy, omega."""
 
 from __future__ import annotations
 
