@@ -66,23 +66,11 @@ struct CpuRows {
   }
 };
 
-// Labels index into each row, so an out-of-range one would read outside it: refuse it here too
-// (the Python wrapper reports it more helpfully, but compiled graphs skip that check).
+// Labels index into each row, so an out-of-range one would read outside it.
 at::Tensor checked_labels(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
   at::Tensor lab = labels.contiguous();
-  const int64_t* p = lab.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < lab.size(0); ++r) {
-    TORCH_CHECK(p[r] == ignore_index || (p[r] >= 0 && p[r] < V), "labels[", r, "] = ", p[r],
-                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-  }
+  checks::check_label_values(lab.const_data_ptr<int64_t>(), lab.size(0), V, ignore_index);
   return lab;
-}
-
-void check_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-               double inv_temperature, int64_t chunk_size) {
-  ICPO_CHECK_DEVICE(hidden, at::kCPU);
-  linear_logprobs::check_inputs(hidden, weight, bias, labels, inv_temperature, chunk_size);
 }
 
 }  // namespace
@@ -90,7 +78,8 @@ void check_cpu(const at::Tensor& hidden, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, double inv_temperature, int64_t ignore_index, int64_t chunk_size) {
-  check_cpu(hidden, weight, bias, labels, inv_temperature, chunk_size);
+  linear_logprobs::check_inputs(hidden, weight, bias, labels, inv_temperature, chunk_size,
+                                at::kCPU);
   const at::Tensor lab = checked_labels(labels, weight.size(0), ignore_index);
   return linear_logprobs::forward<CpuRows>(hidden, weight, bias, lab, inv_temperature,
                                            ignore_index, chunk_size, kBudgetBytes);
@@ -101,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
     const at::Tensor& lse, const at::Tensor& entropy, double inv_temperature,
     int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask) {
-  check_cpu(hidden, weight, bias, labels, inv_temperature, chunk_size);
+  linear_logprobs::check_inputs(hidden, weight, bias, labels, inv_temperature, chunk_size,
+                                at::kCPU);
   const at::Tensor lab = checked_labels(labels, weight.size(0), ignore_index);
   return linear_logprobs::backward<CpuRows>(grad_logp, grad_entropy, hidden, weight, bias, lab,
                                             lse, entropy, inv_temperature, ignore_index,

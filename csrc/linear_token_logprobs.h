@@ -22,6 +22,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -35,16 +36,15 @@
 
 namespace icpo::linear_logprobs {
 
-// float32, or float64 for float64 inputs: the dtype of the per-token outputs and accumulators.
-inline at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using checks::acc_dtype;
 
-// Shapes, dtypes, devices and scalars; label values are checked by the callers (on CPU here in
-// C++, on CUDA by the Python wrapper, since reading them would need a host sync).
+// Shapes, dtypes, devices and scalars, from checks.h's building blocks; label values are checked
+// by the callers (checks::check_label_values on CPU; on CUDA by the Python wrapper, since
+// reading them would need a host sync).
 inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-                         double inv_temperature, int64_t chunk_size) {
+                         double inv_temperature, int64_t chunk_size, c10::DeviceType device) {
+  checks::check_device_type(hidden, "hidden", device);
   ICPO_CHECK_DIM(hidden, 2);
   ICPO_CHECK_FLOATING(hidden);
   ICPO_CHECK_DIM(weight, 2);
@@ -62,12 +62,8 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(b.device() == hidden.device(), "bias must be on ", hidden.device(), ", got ",
                 b.device());
   }
-  ICPO_CHECK_DIM(labels, 1);
-  ICPO_CHECK_DTYPE(labels, at::kLong);
-  ICPO_CHECK_DEVICE(labels, hidden.device());
-  ICPO_CHECK_SIZE(labels, 0, hidden.size(0));
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
+  checks::check_label_tensor(labels, hidden.size(0), hidden.device());
+  checks::check_inv_temperature(inv_temperature);
   TORCH_CHECK(chunk_size >= 0, "chunk_size must be >= 0 (0: automatic), got ", chunk_size);
 }
 
@@ -134,18 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
   return {logp, entropy, lse};
 }
 
-// A [T] per-row input of the backward as the contiguous accumulation-dtype tensor the row
-// kernels read (gradients may arrive in another float dtype or as expanded views).
-inline at::Tensor row_vector(const at::Tensor& x, const char* name, const at::Tensor& hidden) {
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == hidden.size(0), name, " must have shape [",
-              hidden.size(0), "], got ", x.sizes());
-  TORCH_CHECK(x.device() == hidden.device(), name, " must be on ", hidden.device(), ", got ",
-              x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a float tensor, got ",
-              x.scalar_type());
-  return x.to(acc_dtype(hidden)).contiguous();
-}
-
 // -> (d_hidden [T, H], d_weight [V, H], d_bias [V]) in hidden's dtype; an output whose
 // output_mask entry is false (d_bias also when there is no bias) is an empty [0] tensor.
 template <class Rows>
@@ -156,10 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask,
     int64_t budget_bytes) {
   const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const at::Tensor gl = row_vector(grad_logp, "grad_logp", hidden);
-  const at::Tensor gh = row_vector(grad_entropy, "grad_entropy", hidden);
-  const at::Tensor ls = row_vector(lse, "lse", hidden);
-  const at::Tensor en = row_vector(entropy, "entropy", hidden);
+  // [T] rows on hidden's device, as contiguous acc-dtype tensors.
+  const at::Tensor gl = checks::row_vector(grad_logp, "grad_logp", hidden);
+  const at::Tensor gh = checks::row_vector(grad_entropy, "grad_entropy", hidden);
+  const at::Tensor ls = checks::row_vector(lse, "lse", hidden);
+  const at::Tensor en = checks::row_vector(entropy, "entropy", hidden);
   const bool need_h = output_mask[0], need_w = output_mask[1];
   const bool need_b = output_mask[2] && bias.has_value();
   const at::ScalarType acc = acc_dtype(hidden);

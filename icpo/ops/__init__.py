@@ -37,6 +37,7 @@ from icpo.ops.group_advantages import (
     preference_scores,
     reward_limit,
 )
+from icpo.ops.linear_token_logprobs import linear_token_logprobs
 from icpo.ops.segment_mean import pack_padded, segment_mean, unpack_to_padded
 from icpo.ops.token_logprobs import token_logprobs
 
@@ -46,6 +47,7 @@ __all__ = [
     "forced_cpu_capability",
     "grpo_advantages",
     "icpo_advantages",
+    "linear_token_logprobs",
     "pack_padded",
     "preference_scores",
     "reference",

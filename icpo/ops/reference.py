@@ -44,6 +44,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     return logp, entropy
 
 
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          temperature: float = 1.0, bias: torch.Tensor | None = None,
+                          ignore_index: int = -100, return_entropy: bool = True,
+                          chunk_size: int | None = None):
+    """:func:`token_logprobs` of the materialized logits ``hidden @ weight.T + bias``.
+
+    hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, all one float dtype (the logits
+    come out in it, as plain PyTorch gives them). ``chunk_size`` is accepted and ignored.
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(logits, labels, temperature=temperature,
+                          return_entropy=return_entropy, ignore_index=ignore_index)
+
+
 def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Mean of each segment ``values[cu[b]:cu[b+1]]`` of a packed ``[T]`` tensor -> ``[B]``."""
     bounds = cu_seqlens.tolist()
