@@ -5,16 +5,18 @@ Rows (each run in a fresh subprocess, one after the other, so peak RSS is per pr
   icpo GRPO  icpo.trainer.Trainer with algorithm.name=grpo (HF rollout engine).
   icpo ICPO  the same with algorithm.name=icpo (confidence-weighted advantages).
 
-Matched between providers: the bundled tiny model and its tokenizer, fp32 weights; the generated
-arithmetic prompts (``icpo.tasks.arithmetic.make_records``), in order, no shuffling, rendered with
-the Table 5 system prompt by ``icpo.data.templates.build_prompt`` (TRL gets that text, and the
-token ids are checked equal to icpo's); group size G; prompts per step; max completion length;
-temperature 1.0 with no top-p / top-k; beta (KL coef, > 0 so both load a reference model); learning
-rate, clip range, gradient clipping; one optimizer step per generation batch (TRL: num_iterations=1,
-steps_per_generation=1, the whole generation batch per device batch; icpo: train_batch_size ==
-ppo_mini_batch_size, ppo_epochs=1); token-mean loss (TRL's "dapo"); group-std scaled advantages;
-the reward (``icpo.rewards.verifiable.compute_score`` in TRL's reward-function signature); the same
-number of torch threads. TRL runs with no logging, evaluation, saving or reporting.
+Matched between providers: the model (``--model``: the bundled tiny one by default, or a folder
+such as the real-vocabulary testbed of ``scripts/make_vocab_model.py``) and its tokenizer, fp32
+weights; the generated arithmetic prompts (``icpo.tasks.arithmetic.make_records``), in order, no
+shuffling, rendered with the Table 5 system prompt by ``icpo.data.templates.build_prompt`` (TRL
+gets that text, and the token ids are checked equal to icpo's); group size G; prompts per step; max
+completion length; temperature 1.0 with no top-p / top-k; beta (KL coef, > 0 so both load a
+reference model); learning rate, clip range, gradient clipping; one optimizer step per generation
+batch (TRL: num_iterations=1, steps_per_generation=1, the whole generation batch per device batch;
+icpo: train_batch_size == ppo_mini_batch_size, ppo_epochs=1); token-mean loss (TRL's "dapo");
+group-std scaled advantages; the reward (``icpo.rewards.verifiable.compute_score`` in TRL's
+reward-function signature); the same number of torch threads. TRL runs with no logging, evaluation,
+saving or reporting.
 
 Both skip a separate old-log-prob forward when fully on-policy: TRL uses the update's own
 log-probs; icpo runs that forward once, with grad, in its old-log-prob phase (ICPO's confidence
@@ -32,6 +34,14 @@ counts the time a process waited for a core, CPU time (one thread) does not.
 
   python bench/bench_e2e.py --rounds 3          # 16 prompts x G 8, <= 64 tokens, 8 steps, 3 rounds
   python bench/bench_e2e.py --steps 3 --prompts 4 --group 4 --max-completion 16  # smoke run
+  python bench/bench_e2e.py --algorithm grpo   # TRL GRPO and icpo GRPO only
+
+At a real vocabulary (issue 18's configuration: V = 151936, 8 prompts x G 8, 64 new tokens, KL to
+a reference, one thread; ~1-2 minutes per step and provider, ~8 GB peak RSS each):
+
+  python scripts/make_vocab_model.py          # writes outputs/vocab-model-151936 (~10 s)
+  python bench/bench_e2e.py --model outputs/vocab-model-151936 --prompts 8 --group 8 \
+      --max-completion 64 --steps 3 --rounds 2 --name e2e_vocab151936
 """
 
 from __future__ import annotations
@@ -47,12 +57,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from icpo._io import atomic_write_text
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_table, write_results  # noqa: E402
 
 PROVIDERS = {"trl-grpo": "TRL GRPO", "icpo-grpo": "icpo GRPO", "icpo-icpo": "icpo ICPO"}
+ALGORITHMS = {"grpo": "trl-grpo,icpo-grpo", "icpo": "trl-grpo,icpo-icpo",
+              "both": ",".join(PROVIDERS)}
+"""--algorithm -> providers; TRL's GRPO is the baseline of both (TRL has no ICPO)."""
 PHASES = ("generation", "reward", "old_logprob", "ref_logprob", "advantages", "update")
 CLIP_LOW, CLIP_HIGH, GRAD_CLIP = 0.2, 0.28, 1.0
 
@@ -78,7 +89,8 @@ def summarize(runs: list[dict], warmup: int) -> dict:
            "step_cpu_s": statistics.median(c for r in runs for c in r["cpu_s"][warmup:]),
            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "steps_timed": len(step_s),
            "completion_tokens_per_step": statistics.mean(tokens),
-           "step_s_per_run": [r["step_s"] for r in runs], "cpu_s_per_run": [r["cpu_s"] for r in runs],
+           "step_s_per_run": [r["step_s"] for r in runs],
+           "cpu_s_per_run": [r["cpu_s"] for r in runs],
            "wall_s_per_run": [r["wall_s"] for r in runs], "torch_threads": runs[0]["torch_threads"]}
     if "phases" in runs[0]:
         out["phases_s"] = {p: statistics.median(v for r in runs for v in r["phases"][p][warmup:])
@@ -97,7 +109,7 @@ def run_trl(args) -> dict:
     from icpo.models import resolve_model_path
     from icpo.rewards.verifiable import compute_score
 
-    model_dir = str(resolve_model_path("icpo/tiny"))
+    model_dir = str(resolve_model_path(args.model))
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     recs = records(args)
     texts = [build_prompt(tok, r["prompt"], "r1") for r in recs]
@@ -161,7 +173,7 @@ def run_icpo(args, algorithm: str) -> dict:
     write_jsonl(records(args), data)
     preset = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny_cpu.yaml"
     overrides = [
-        "model.path=icpo/tiny", "model.dtype=float32", f"data.train_files=[{data}]",
+        f"model.path={args.model}", "model.dtype=float32", f"data.train_files=[{data}]",
         "data.val_files=[]", "data.shuffle=false", "data.template=r1", "rollout.engine=hf",
         f"rollout.n={args.group}", f"rollout.max_response_length={args.max_completion}",
         "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1",
@@ -210,7 +222,10 @@ def worker(args) -> None:
         out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = peak_rss_mib()
     out["torch_threads"] = torch.get_num_threads()
-    atomic_write_text(args.result, json.dumps(out))
+    tmp_path = args.result + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp_path, args.result)
 
 
 def spawn(provider: str, args, argv: list[str]) -> dict:
@@ -240,22 +255,43 @@ def versions() -> dict:
     return out
 
 
+def model_info(path: str) -> dict:
+    """What the result file records about the model: its folder, type and sizes."""
+    from icpo.models import resolve_model_path
+
+    folder = Path(resolve_model_path(path))
+    cfg = json.loads((folder / "config.json").read_text())
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
+    return {"path": path, "folder": str(folder.resolve()), **{k: cfg.get(k) for k in keys}}
+
+
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="icpo/tiny",
+                   help="model folder (or icpo/tiny) every provider trains: its config.json, "
+                        "weights and tokenizer (default: %(default)s)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (> --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps of each run left out")
     p.add_argument("--rounds", type=int, default=1, help="runs per provider, interleaved")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="responses per prompt (G)")
     p.add_argument("--max-completion", type=int, default=64, help="max completion tokens")
-    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (> 0: reference model)")
+    p.add_argument("--beta", type=float, default=0.001,
+                   help="KL coefficient (> 0: reference model)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch/OpenMP threads for every provider (1 by default: on a shared machine "
-                        "spinning OpenMP threads turn other processes' load into large swings)")
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384, help="icpo token budget")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of " + ",".join(PROVIDERS))
+                   help="torch/OpenMP threads for every provider (1 by default: on a shared "
+                        "machine spinning OpenMP threads turn other processes' load into large "
+                        "swings)")
+    p.add_argument("--max-tokens-per-micro-batch", type=int, default=16384,
+                   help="icpo token budget")
+    p.add_argument("--algorithm", choices=list(ALGORITHMS), default=None,
+                   help="icpo's algorithm(s) to run beside TRL's GRPO: grpo, icpo or both "
+                        "(default: both; shorthand for --providers)")
+    p.add_argument("--providers", default=None,
+                   help="comma list of " + ",".join(PROVIDERS) + " (default: all)")
     p.add_argument("--name", default="e2e", help="result file stem under bench/results/")
     p.add_argument("--verbose", action="store_true", help="show the subprocesses' output")
     p.add_argument("--worker", choices=list(PROVIDERS), help=argparse.SUPPRESS)
@@ -265,12 +301,23 @@ def parse_args(argv: list[str] | None = None):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.warmup < args.steps:
-        raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+        raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup} with "
+                         f"--steps {args.steps}")
     if args.beta <= 0:
-        raise SystemExit(f"--beta must be > 0 so both providers load a reference model, got {args.beta}")
+        raise SystemExit("--beta must be > 0 so both providers load a reference model, "
+                         f"got {args.beta}")
+    if args.algorithm and args.providers:
+        raise SystemExit("--algorithm and --providers exclude each other; give one")
+    args.providers = args.providers or ALGORITHMS[args.algorithm or "both"]
     unknown = set(args.providers.split(",")) - set(PROVIDERS)
     if unknown:
-        raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected some of {list(PROVIDERS)}")
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected some of "
+                         f"{list(PROVIDERS)}")
+    from icpo.models import resolve_model_path
+
+    if not (Path(resolve_model_path(args.model)) / "config.json").is_file():
+        raise SystemExit(f"--model: {args.model!r} is not a model folder (no config.json); "
+                         "make one with scripts/make_vocab_model.py")
     return args
 
 
@@ -308,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu = {k: v["step_cpu_s"] for k, v in results.items()}
     payload = {
         "benchmark": "e2e",
-        "settings": {k: getattr(args, k) for k in ("steps", "warmup", "rounds", "prompts", "group",
-                                                    "max_completion", "beta", "lr", "seed", "threads",
-                                                    "max_tokens_per_micro_batch")},
+        "model": model_info(args.model),
+        "settings": {k: getattr(args, k) for k in (
+            "steps", "warmup", "rounds", "prompts", "group", "max_completion", "beta", "lr", "seed",
+            "threads", "max_tokens_per_micro_batch", "providers")},
         "speedup_vs_trl": (step["trl-grpo"] / step["icpo-grpo"]
                            if {"trl-grpo", "icpo-grpo"} <= step.keys() else None),
         "icpo_overhead": (step["icpo-icpo"] / step["icpo-grpo"] - 1
