@@ -37,7 +37,8 @@ def multinomial_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)

@@ -17,7 +17,8 @@ real-vocabulary testbed of issue 18: nothing is downloaded, every file comes fro
 Byte-reproducible from ``--seed`` (same transformers / tokenizers / torch versions)::
 
     python scripts/make_vocab_model.py                          # outputs/vocab-model-151936
-    python scripts/make_vocab_model.py --out /tmp/a && python scripts/make_vocab_model.py --out /tmp/b
+    python scripts/make_vocab_model.py --out /tmp/a
+    python scripts/make_vocab_model.py --out /tmp/b
     for f in /tmp/a/*; do cmp "$f" /tmp/b/$(basename "$f"); done
     python bench/bench_e2e.py --model outputs/vocab-model-151936 ...
 
@@ -142,7 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     args = p.parse_args(argv)
     if args.vocab_size < 512:
-        p.error(f"--vocab-size must be >= 512 (256 bytes, merges, 3 specials), got {args.vocab_size}")
+        p.error(f"--vocab-size must be >= 512 (256 bytes, merges, 3 specials), "
+                f"got {args.vocab_size}")
     for name in ("hidden", "intermediate", "layers", "heads", "kv_heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -143,7 +143,8 @@ def test_sample_next_distribution_at_temperature():
     probs = (logits[0].double() / 0.8).softmax(-1)
     order = probs.argsort()
     cells = (probs[order].cumsum(0) * n / 5).floor().clamp(max=n // 5).long()
-    pooled_c = torch.zeros(int(cells.max()) + 1, dtype=torch.float64).index_add_(0, cells, counts[order])
+    pooled_c = torch.zeros(int(cells.max()) + 1, dtype=torch.float64)
+    pooled_c.index_add_(0, cells, counts[order])
     pooled_p = torch.zeros_like(pooled_c).index_add_(0, cells, probs[order])
     p = chi_square_pvalue(pooled_c, pooled_p)
     assert p > 1e-4, f"chi-square p = {p:.2e}"

@@ -58,7 +58,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     Raises ValueError when a row holds NaN or inf or sums to zero.
     """
     if probs.dim() != 2 or probs.shape[1] == 0:
-        raise ValueError(f"probs: expected [batch, vocab] with vocab >= 1, got {tuple(probs.shape)}")
+        raise ValueError(f"probs: expected [batch, vocab] with vocab >= 1, "
+                         f"got {tuple(probs.shape)}")
     uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device,
                           generator=generator)
     return inverse_cdf(probs, uniforms, block=block)
