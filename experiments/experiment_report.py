@@ -42,7 +42,8 @@ logged is left out of the table."""
 CURVE_PANELS = (("val/accuracy", "held-out accuracy"), ("entropy", "entropy"))
 DIAG_PANELS = (("confidence/std", "confidence std (batch)"), ("icpo/score/mean", "ICPO score mean"),
                (BONUS, "ICPO bonus (mean reward added)"), ("omega", "omega"),
-               ("zero_std_group_frac", "zero-std group fraction"), ("advantage/std", "advantage std"),
+               ("zero_std_group_frac", "zero-std group fraction"),
+               ("advantage/std", "advantage std"),
                ("premise/correct_less_confident", "premise: correct is less confident"),
                ("premise/bonus_at_cap", "bonus at its cap |R|/tau"))
 COMPARED_GROUPS = ("main", "noisy", "coarse")
@@ -61,7 +62,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 # ------------------------------------------------------------------------------- reading runs
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` plus the derived :data:`BONUS`; bad lines raise ValueError."""
+    """The rows of a ``metrics.jsonl`` plus the derived :data:`BONUS`; a bad line raises
+    ValueError."""
     from icpo.trainer.plots import read_metrics
 
     rows = read_metrics(path)
@@ -101,7 +103,8 @@ def mean_std(values: list[float | None]) -> dict:
     v = [x for x in values if x is not None]
     if not v:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "n": len(v)}
 
 
 def auc(rows: list[dict], key: str = "val/accuracy") -> float | None:
@@ -228,20 +231,23 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
     """``results.md``: results table, ICPO - GRPO comparisons, diagnostics table, how to read it."""
     lines = ["# Experiments: GRPO vs ICPO", "",
              f"Mode `{meta.get('mode')}`, preset `{meta.get('preset')}`, seeds {meta.get('seeds')}"
-             + (f", mode overrides `{' '.join(meta['mode_overrides'])}`" if meta.get("mode_overrides") else "")
-             + ". Mean ± sample std over seeds; *final* = the last step that logged the value; *AUC* = "
-             "mean held-out accuracy over the evaluated steps (trapezoids).", ""]
+             + (f", mode overrides `{' '.join(meta['mode_overrides'])}`"
+                if meta.get("mode_overrides") else "")
+             + ". Mean ± sample std over seeds; *final* = the last step that logged the value; "
+             "*AUC* = mean held-out accuracy over the evaluated steps (trapezoids).", ""]
     coarse = meta.get("coarse_data")
     if coarse:
         lines += [f"Coarse data (paper protocol): {coarse['model']} sampled G={coarse['n']} per "
                   f"training prompt once; kept {coarse['kept']} of {coarse['judged']} prompts "
                   f"({coarse['all_correct']} all correct, {coarse['all_wrong']} all wrong).", ""]
     lines += ["## Results", "",
-             "| group | setting | algorithm | final held-out acc. | val. AUC | final entropy | initial acc. | seeds |",
+             "| group | setting | algorithm | final held-out acc. | val. AUC | final entropy "
+             "| initial acc. | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['group']} | {s['label']} | {s['algorithm'].upper()} | {_pm(s['final_val_acc'])} "
-                     f"| {_pm(s['val_auc'])} | {_pm(s['final_entropy'])} | {_cell(s['initial_val_acc']['mean'])} "
+        lines.append(f"| {s['group']} | {s['label']} | {s['algorithm'].upper()} "
+                     f"| {_pm(s['final_val_acc'])} | {_pm(s['val_auc'])} "
+                     f"| {_pm(s['final_entropy'])} | {_cell(s['initial_val_acc']['mean'])} "
                      f"| {s['final_val_acc']['n']} |")
     if comparisons:
         lines += ["", "## Paired differences (points; mean over seeds [95 % t-interval])", "",
@@ -252,9 +258,11 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
             f, a = c["final_val_acc"], c["val_auc"]
             per = ", ".join(f"{d * 100:+.1f}" for d in f["diffs"])
             ent = _ci(c["final_entropy"], scale=1.0, digits=3)
-            lines.append(f"| {c['group']} | {c['label']} | {c['baseline']} | {_ci(f)} | {f['wins']}/{f['n']} "
-                         f"| {_ci(a)} | {a['wins']}/{a['n']} | {ent} | {per} |")
-    cols = [(k, label) for k, label in DIAG_KEYS if any(s["diagnostics"][k] is not None for s in summaries)]
+            lines.append(f"| {c['group']} | {c['label']} | {c['baseline']} | {_ci(f)} "
+                         f"| {f['wins']}/{f['n']} | {_ci(a)} | {a['wins']}/{a['n']} | {ent} "
+                         f"| {per} |")
+    cols = [(k, label) for k, label in DIAG_KEYS
+            if any(s["diagnostics"][k] is not None for s in summaries)]
     if cols:
         lines += ["", "## Why: diagnostics (mean over training steps, then over seeds)", "",
                   "| group | setting | " + " | ".join(label for _, label in cols) + " |",
@@ -263,21 +271,25 @@ def render_markdown(summaries: list[dict], comparisons: list[dict], meta: dict) 
             lines.append(f"| {s['group']} | {s['label']} | "
                          + " | ".join(_cell(s["diagnostics"][k]) for k, _ in cols) + " |")
     lines += ["", "How to read the diagnostics:",
-              "- *conf. std*: spread of response confidence (mean token log-prob). `batch conf. std` "
-              "is over all responses of a step, an upper bound on the within-group spread that ICPO's "
-              "preference score (Eq. 9) feeds on; when it is small, ICPO's scores are nearly equal "
-              "within a group and ICPO behaves like GRPO.",
-              "- *score mean / std*: ICPO's preference advantage score S (0 for GRPO); *ICPO bonus*: "
-              "mean reward ICPO added, omega * min(S, |R|/tau), bounded by the reward itself.",
-              "- *zero-std groups*: fraction of prompts whose G rewards are all equal. GRPO gets no "
-              "gradient from those groups; ICPO can, through the confidence bonus, when |R| > 0."]
+              "- *conf. std*: spread of response confidence (mean token log-prob). "
+              "`batch conf. std` is over all responses of a step, an upper bound on the "
+              "within-group spread that ICPO's preference score (Eq. 9) feeds on; when it is "
+              "small, ICPO's scores are nearly equal within a group and ICPO behaves like GRPO.",
+              "- *score mean / std*: ICPO's preference advantage score S (0 for GRPO); "
+              "*ICPO bonus*: mean reward ICPO added, omega * min(S, |R|/tau), bounded by the "
+              "reward itself.",
+              "- *zero-std groups*: fraction of prompts whose G rewards are all equal. GRPO gets "
+              "no gradient from those groups; ICPO can, through the confidence bonus, when "
+              "|R| > 0."]
     if any(k.startswith("premise/") for k, _ in cols):
-        lines.append("- *correct less conf.*: among within-group (correct, wrong) pairs, the fraction where "
-                     "the correct response is the less confident (ICPO's premise needs it well above 0); "
-                     "*bonus at cap*: fraction of responses whose bonus is clipped at |R|/tau.")
+        lines.append("- *correct less conf.*: among within-group (correct, wrong) pairs, the "
+                     "fraction where the correct response is the less confident (ICPO's premise "
+                     "needs it well above 0); *bonus at cap*: fraction of responses whose bonus "
+                     "is clipped at |R|/tau.")
     if any(k == KEPT for k, _ in cols):
-        lines.append("- *kept groups*: `reward.drop_mixed_groups`, fraction of prompts kept (all G rewards equal); "
-                     "the bonus is not derivable from the logged means there (n/a).")
+        lines.append("- *kept groups*: `reward.drop_mixed_groups`, fraction of prompts kept "
+                     "(all G rewards equal); the bonus is not derivable from the logged means "
+                     "there (n/a).")
     return "\n".join(lines + [""])
 
 

@@ -55,7 +55,8 @@ from icpo.config.schema import OmegaSchedule  # noqa: E402
 
 TRAIN_SCRIPT = ROOT / "examples" / "train_icpo.py"
 PRESET = ROOT / "examples" / "configs" / "routes_cpu.yaml"
-TASK_OVERRIDES = {"routes": (), "arithmetic": ("model.path=icpo/tiny", "rollout.max_response_length=64")}
+TASK_OVERRIDES = {"routes": (),
+                  "arithmetic": ("model.path=icpo/tiny", "rollout.max_response_length=64")}
 """Both tasks run the Table 6-shaped preset; ``arithmetic`` swaps in ``icpo/tiny`` and the
 response length of its quick-start preset (its worked solutions are longer)."""
 RESULTS_DIR = ROOT / "results" / "experiments"
@@ -116,7 +117,8 @@ def all_settings() -> list[Setting]:
            Setting("noisy", "ICPO", "icpo_noisy", icpo + NOISE),
            Setting("coarse", "GRPO", "grpo_coarse", grpo, coarse=True),
            Setting("coarse", "ICPO", "icpo_coarse", icpo, coarse=True)]
-    out += [Setting("omega", f"ICPO {s}", f"icpo_omega_{s}", icpo + (f"algorithm.omega.schedule={s}",))
+    out += [Setting("omega", f"ICPO {s}", f"icpo_omega_{s}",
+                    icpo + (f"algorithm.omega.schedule={s}",))
             for s in SCHEDULES]
     out += [Setting("delta", f"ICPO delta={d}", f"icpo_delta{d}", icpo + (f"algorithm.delta={d}",))
             for d in DELTAS]
@@ -176,7 +178,8 @@ def estimate_run_seconds(cfg, val_size: int | None = None) -> float:
         evals = 1 + t.total_steps // t.eval_every + (1 if t.total_steps % t.eval_every else 0)
     n_val = cfg.data.val_max_samples or val_size or DATA_SIZES["full"][1]
     length = cfg.rollout.max_response_length / 64
-    return (STARTUP_S + t.total_steps * t.train_batch_size * cfg.rollout.n * length * STEP_S_PER_RESPONSE
+    return (STARTUP_S
+            + t.total_steps * t.train_batch_size * cfg.rollout.n * length * STEP_S_PER_RESPONSE
             + evals * n_val * cfg.rollout.val_n * length * EVAL_S_PER_PROMPT)
 
 
@@ -207,7 +210,8 @@ def make_plan(settings: list[Setting], seeds: list[int], mode_overrides: list[st
             out = exp_dir / "runs" / f"{s.slug}_seed{k}"
             ov = [*base, f"trainer.seed={k}", f"data.seed={k}", f"reward.noise_seed={k}",
                   f"trainer.output_dir={out}", "trainer.progress_bar=false"]
-            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps, estimate_run_seconds(cfg, val_size)))
+            plan.runs.append(Run(s.slug, k, ov, out, cfg.trainer.total_steps,
+                                 estimate_run_seconds(cfg, val_size)))
     return plan
 
 
@@ -234,7 +238,8 @@ def fmt_s(seconds: float) -> str:
 def print_plan(plan: Plan, mode: str, todo: list[Run], jobs: int = 1) -> None:
     n_unique = len({r.name for r in plan.runs})
     print(f"mode {mode}: {len(plan.settings)} settings -> {n_unique} distinct configs x "
-          f"{len(plan.seeds)} seeds = {len(plan.runs)} runs ({len(plan.runs) - len(todo)} already done)")
+          f"{len(plan.seeds)} seeds = {len(plan.runs)} runs "
+          f"({len(plan.runs) - len(todo)} already done)")
     if plan.mode_overrides:
         print("  mode overrides: " + " ".join(plan.mode_overrides))
     for slug, target in plan.shared.items():
@@ -244,18 +249,21 @@ def print_plan(plan: Plan, mode: str, todo: list[Run], jobs: int = 1) -> None:
         print(f"  {name:<28} {r.total_steps} steps, ~{fmt_s(r.estimate_s)} per run")
     left = sum(r.estimate_s for r in todo) / jobs
     budget = BUDGET_S[mode]
-    print(f"estimated time: {fmt_s(left)} for {len(todo)} runs, {jobs} at once (budget for {mode}: {fmt_s(budget)}; "
-          f"cost model: {STEP_S_PER_RESPONSE * 1e3:.1f} ms/response/step, {STARTUP_S:.0f} s start-up)")
+    print(f"estimated time: {fmt_s(left)} for {len(todo)} runs, {jobs} at once "
+          f"(budget for {mode}: {fmt_s(budget)}; cost model: "
+          f"{STEP_S_PER_RESPONSE * 1e3:.1f} ms/response/step, {STARTUP_S:.0f} s start-up)")
     if left > budget:
         print(f"WARNING: the estimate exceeds the {mode} budget; use --only to run fewer settings")
 
 
 def execute(run: Run, preset: Path, keep_checkpoints: bool) -> None:
-    """Train ``run`` in a subprocess (output to ``train.log``); raise on failure with the log tail."""
+    """Train ``run`` in a subprocess (output to ``train.log``); raise on failure with the log
+    tail."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     log = run.out_dir / "train.log"
     # An unfinished or stale run in out_dir is started again (run_finished said so).
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(preset), "--overwrite", *run.overrides]
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(preset), "--overwrite",
+           *run.overrides]
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
@@ -295,7 +303,8 @@ def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool, jobs: int = 1) 
             finished, _ = wait(remaining, return_when=FIRST_COMPLETED)
             for fut in sorted(finished, key=lambda f: todo.index(remaining[f])):
                 run = remaining.pop(fut)
-                print(f"[{len(todo) - len(remaining)}/{len(todo)}] {run.out_dir.name} ...", end=" ", flush=True)
+                print(f"[{len(todo) - len(remaining)}/{len(todo)}] {run.out_dir.name} ...",
+                      end=" ", flush=True)
                 try:
                     dt = fut.result()
                 except RuntimeError as e:
@@ -306,31 +315,42 @@ def run_all(plan: Plan, todo: list[Run], keep_checkpoints: bool, jobs: int = 1) 
                 rows = report.read_rows(run.out_dir / "metrics.jsonl")
                 acc = report.series(rows, "val/accuracy")
                 shown = f"val acc {acc[0][1]:.3f} -> {acc[-1][1]:.3f}, " if acc else ""
-                # Median of actual/estimated: one run slowed by a neighbour's burst does not skew it.
-                left = sum(r.estimate_s for r in remaining.values()) * statistics.median(ratios) / max(1, jobs)
+                # Median of actual/estimated: one run slowed by a neighbour's burst does not
+                # skew it.
+                left = (sum(r.estimate_s for r in remaining.values())
+                        * statistics.median(ratios) / max(1, jobs))
                 print(f"done in {fmt_s(dt)} ({shown}ETA {fmt_s(left)})", flush=True)
     return failures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs of the main comparison (minutes)")
-    p.add_argument("--only", help=f"comma-separated groups {','.join(GROUP_NAMES)} or setting names")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="short runs of the main comparison (minutes)")
+    p.add_argument("--only",
+                   help=f"comma-separated groups {','.join(GROUP_NAMES)} or setting names")
     p.add_argument("--task", default="routes", choices=data.TASKS,
                    help="routes: the two-route testbed (default); arithmetic: icpo/tiny's task")
     p.add_argument("--out", default=None,
                    help="experiment folder (default outputs/experiments[_arithmetic][_quick])")
     p.add_argument("--results", default=None,
-                   help="report folder (default results/experiments[_arithmetic]; --quick: the --out folder)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 8; --quick: 2)")
-    p.add_argument("--config", default=None, help="preset YAML (default: examples/configs/routes_cpu.yaml)")
+                   help="report folder (default results/experiments[_arithmetic]; "
+                   "--quick: the --out folder)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per setting (default 8; --quick: 2)")
+    p.add_argument("--config", default=None,
+                   help="preset YAML (default: examples/configs/routes_cpu.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra dotted overrides for every run (after the mode's)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and estimate, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's final checkpoint")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs at once (default: usable cores / threads per run, 2 on a 2-core machine)")
+                   help="runs at once (default: usable cores / threads per run, 2 on a 2-core "
+                   "machine)")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     args.seeds = SEEDS[mode] if args.seeds is None else args.seeds
@@ -341,7 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run], make: bool = True) -> dict | None:
+def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run],
+                   make: bool = True) -> dict | None:
     """Writes the coarse data when a planned run needs it (``make``); returns its stats with
     repository-relative paths (None if unused or not made)."""
     if not any(s.coarse for s in plan.settings):
@@ -352,8 +373,10 @@ def prepare_coarse(plan: Plan, data_files: tuple[Path, Path], todo: list[Run], m
     if make and (todo or not path.is_file()):
         cfg = load_config(plan.preset, plan.mode_overrides)
         t0 = time.perf_counter()
-        print(f"coarse data: {cfg.model.path} samples G={cfg.rollout.n} per training prompt ...", end=" ", flush=True)
-        made = data.coarse_train_file(data_files[0], cfg.model.path, cfg.rollout.n, cfg.rollout.max_response_length)
+        print(f"coarse data: {cfg.model.path} samples G={cfg.rollout.n} per training prompt ...",
+              end=" ", flush=True)
+        made = data.coarse_train_file(data_files[0], cfg.model.path, cfg.rollout.n,
+                                      cfg.rollout.max_response_length)
         if made != path:
             raise RuntimeError(f"coarse data written to {made}, planned at {path}")
         print(f"done in {fmt_s(time.perf_counter() - t0)}", flush=True)
@@ -390,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
     suffix = ("" if args.task == "routes" else f"_{args.task}")
-    exp_dir = Path(args.out or f"outputs/experiments{suffix}{'_quick' if args.quick else ''}").resolve()
+    exp_dir = Path(args.out
+                   or f"outputs/experiments{suffix}{'_quick' if args.quick else ''}").resolve()
     results_dir = (Path(args.results).resolve() if args.results
                    else exp_dir if args.quick else RESULTS_DIR.with_name(RESULTS_DIR.name + suffix))
     preset = Path(args.config or PRESET).resolve()
@@ -413,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     coarse = prepare_coarse(plan, data_files, todo, make=not args.report_only)
     failures = run_all(plan, todo, args.keep_checkpoints, jobs)
-    meta = {"mode": mode, "task": args.task, "preset": shown(preset), "mode_overrides": plan.mode_overrides,
-            "seeds": plan.seeds, "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
+    meta = {"mode": mode, "task": args.task, "preset": shown(preset),
+            "mode_overrides": plan.mode_overrides, "seeds": plan.seeds,
+            "data": {"train": DATA_SIZES[mode][0], "held_out": DATA_SIZES[mode][1]},
             "coarse_data": coarse, "report_only": args.report_only,
             **(previous_timing(results_dir / "results.json", mode, plan.seeds) if args.report_only
                else {"jobs": jobs, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}),
@@ -429,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"wrote {p}" for p in written))
     print((results_dir / "results.md").read_text().split("\n## ")[1].split("\n", 1)[1])
     if failures:
-        print(f"{len(failures)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
+        print(f"{len(failures)} run(s) failed; rerun the same command to retry them",
+              file=sys.stderr)
         return 1
     return 0
 

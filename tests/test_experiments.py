@@ -33,7 +33,8 @@ def _preset(tmp_path, delta=0.5, schedule="warmup_decay", steps=12):
 
 def _plan(tmp_path, preset, settings=None, seeds=(1, 2, 3), mode=()):
     data = (tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl")
-    return rx.make_plan(settings or rx.all_settings(), list(seeds), list(mode), tmp_path / "exp", data, preset)
+    return rx.make_plan(settings or rx.all_settings(), list(seeds), list(mode), tmp_path / "exp",
+                        data, preset)
 
 
 # ------------------------------------------------------------------------------- plan
@@ -44,10 +45,13 @@ def test_settings_cover_the_paper_experiments():
     for g in ("main", "noisy", "coarse"):
         assert sorted(x.algorithm for x in by_group[g]) == ["grpo", "icpo"]
     assert all("reward.noise_fraction=0.4" in x.overrides for x in by_group["noisy"])
-    assert all(x.coarse for x in by_group["coarse"]) and not any(x.coarse for x in s if x.group != "coarse")
+    assert all(x.coarse for x in by_group["coarse"])
+    assert not any(x.coarse for x in s if x.group != "coarse")
     assert sorted(o for x in by_group["omega"] for o in x.overrides if "schedule" in o) == sorted(
-        f"algorithm.omega.schedule={k}" for k in ("warmup_decay", "warmup_retention", "linear_decay", "constant"))
-    assert [x.overrides[-1] for x in by_group["delta"]] == [f"algorithm.delta={d}" for d in (0.3, 0.4, 0.5, 0.6)]
+        f"algorithm.omega.schedule={k}"
+        for k in ("warmup_decay", "warmup_retention", "linear_decay", "constant"))
+    assert [x.overrides[-1] for x in by_group["delta"]] == [f"algorithm.delta={d}"
+                                                            for d in (0.3, 0.4, 0.5, 0.6)]
 
 
 def test_dedup_follows_the_effective_config(tmp_path):
@@ -74,7 +78,8 @@ def test_runs_vary_seeds_and_resolve_to_the_setting(tmp_path):
     for r in plan.runs:
         cfg = load_config(preset, r.overrides)
         assert cfg.trainer.seed == cfg.data.seed == cfg.reward.noise_seed == r.seed
-        assert Path(cfg.trainer.output_dir) == r.out_dir and r.out_dir.name == f"{r.name}_seed{r.seed}"
+        assert (Path(cfg.trainer.output_dir) == r.out_dir
+                and r.out_dir.name == f"{r.name}_seed{r.seed}")
         assert cfg.trainer.total_steps == r.total_steps == 6  # the quick mode's override wins
         assert cfg.data.train_files == [str(tmp_path / "data" / "train.jsonl")]
         assert cfg.trainer.progress_bar is False
@@ -104,7 +109,8 @@ def test_estimates_grow_with_the_work(tmp_path):
     big = load_config(_preset(tmp_path, steps=20))
     per_step = rx.estimate_run_seconds(big) - rx.estimate_run_seconds(small)
     assert per_step > 0
-    wide = load_config(_preset(tmp_path, steps=10), ["trainer.train_batch_size=16", "actor.ppo_mini_batch_size=16"])
+    wide = load_config(_preset(tmp_path, steps=10),
+                       ["trainer.train_batch_size=16", "actor.ppo_mini_batch_size=16"])
     assert rx.estimate_run_seconds(wide) - rx.estimate_run_seconds(small) == pytest.approx(per_step)
 
 
@@ -114,7 +120,8 @@ def test_the_real_preset_fits_the_mode_budget(tmp_path, mode):
     seeds = rx.SEEDS[mode]
     plan = _plan(tmp_path, rx.PRESET, rx.select_settings(None, quick=mode == "quick"),
                  seeds=range(1, seeds + 1), mode=rx.MODE_OVERRIDES[mode])
-    assert all(len([r for r in plan.runs if r.name == n]) == seeds for n in {r.name for r in plan.runs})
+    assert all(len([r for r in plan.runs if r.name == n]) == seeds
+               for n in {r.name for r in plan.runs})
     assert plan.estimate_s <= rx.BUDGET_S[mode]
 
 
@@ -137,7 +144,8 @@ def _write_run(folder, steps, acc, ent, conf_std=0.1, score=0.0, final_shift=0.0
 
 def _setting(group, label, algorithm, dirs):
     return {"group": group, "label": label, "slug": f"{algorithm}_{group}", "algorithm": algorithm,
-            "run": f"{algorithm}_{group}", "runs": [{"seed": k, "dir": str(d)} for k, d in dirs.items()]}
+            "run": f"{algorithm}_{group}",
+            "runs": [{"seed": k, "dir": str(d)} for k, d in dirs.items()]}
 
 
 def test_report_aggregates_over_seeds(tmp_path):
@@ -170,15 +178,19 @@ def test_report_aggregates_over_seeds(tmp_path):
     half = 4.303 * statistics.stdev(diffs) / 3 ** 0.5  # t(0.975, df=2)
     assert f["ci95"] == pytest.approx([f["mean"] - half, f["mean"] + half], abs=1e-6)
     # AUC of (0, 0.3), (2, 0.35), (4, acc) by trapezoids over a span of 4 steps: (1.0 + acc) / 4.
-    assert i["val_auc"]["mean"] == pytest.approx(statistics.fmean((1.0 + a) / 4 for a in icpo_acc.values()))
+    assert i["val_auc"]["mean"] == pytest.approx(
+        statistics.fmean((1.0 + a) / 4 for a in icpo_acc.values()))
     assert cmp["val_auc"]["diffs"] == pytest.approx([d / 4 for d in diffs])
-    assert cmp["final_entropy"]["diffs"] == pytest.approx([-0.1] * 3) and cmp["final_entropy"]["wins"] == 0
+    assert cmp["final_entropy"]["diffs"] == pytest.approx([-0.1] * 3)
+    assert cmp["final_entropy"]["wins"] == 0
 
     md = (exp / "results.md").read_text()
     mean, std = statistics.fmean(icpo_acc.values()), statistics.stdev(icpo_acc.values())
-    assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | " in md and " | 0.520 ± 0.010 | 0.300 | 3 |" in md
+    assert f"| main | ICPO | ICPO | {mean:.3f} ± {std:.3f} | " in md
+    assert " | 0.520 ± 0.010 | 0.300 | 3 |" in md
     lo, hi = f["ci95"]
-    assert f"| main | ICPO | main GRPO | {100 * f['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | 2/3 |" in md
+    assert (f"| main | ICPO | main GRPO | {100 * f['mean']:+.1f} "
+            f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | 2/3 |") in md
     assert "| -0.100 [-0.100, -0.100] |" in md  # paired final entropy, in nats
     assert "coarse" not in md.split("## Why")[1].split("How to read")[0]  # no coarse column/rows
     pngs = [p for p in written if p.suffix == ".png"]
@@ -202,16 +214,19 @@ def test_ablations_are_paired_with_clean_grpo(tmp_path):
 
 
 def test_t_interval():
-    assert rep.t_interval([1.0, 2.0, 3.0])["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
+    assert rep.t_interval([1.0, 2.0, 3.0])["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5,
+                                                                     2 + 4.303 / 3 ** 0.5])
     assert rep.t_interval([5.0])["ci95"] is None and rep.t_interval([5.0])["mean"] == 5.0
     wide = rep.t_interval([float(x % 2) for x in range(40)])  # df 39 > 30: the normal quantile
     assert wide["ci95"][1] - wide["mean"] == pytest.approx(1.96 * wide["std"] / 40 ** 0.5)
-    assert rep.auc([{"step": 0, "v": 0.0}, {"step": 2, "v": 1.0}, {"step": 4, "v": 1.0}], "v") == pytest.approx(0.75)
+    assert rep.auc([{"step": 0, "v": 0.0}, {"step": 2, "v": 1.0}, {"step": 4, "v": 1.0}],
+                   "v") == pytest.approx(0.75)
 
 
 def test_series_and_band_edge_cases(tmp_path):
-    rows = [{"step": 0, "val/accuracy": 0.2}, {"step": 1, "entropy": None}, {"step": 2, "entropy": 0.5},
-            {"step": 3, "entropy": "inf"}, {"step": 3, "val/accuracy": 0.4}]
+    rows = [{"step": 0, "val/accuracy": 0.2}, {"step": 1, "entropy": None},
+            {"step": 2, "entropy": 0.5}, {"step": 3, "entropy": "inf"},
+            {"step": 3, "val/accuracy": 0.4}]
     assert rep.series(rows, "entropy") == [(2, 0.5)]
     assert rep.final_value(rows, "val/accuracy") == 0.4 and rep.final_value(rows, "missing") is None
     assert rep.step_mean(rows, "val/accuracy") == 0.4  # step 0 (before training) is not a step
@@ -254,15 +269,17 @@ def test_report_only_cli_reads_finished_runs(tmp_path, monkeypatch, capsys):
     for name in ("grpo_clean", "icpo_clean"):
         for k in (1, 2):
             _write_run(exp / "runs" / f"{name}_seed{k}", 4, [0.3, 0.3, 0.3 + k / 10], [0.5] * 4)
-    code = rx.main(["--report-only", "--only", "main", "--seeds", "2", "--out", str(exp), "--config", str(preset),
-                    "--results", str(res)])
+    code = rx.main(["--report-only", "--only", "main", "--seeds", "2", "--out", str(exp),
+                    "--config", str(preset), "--results", str(res)])
     assert code == 0
     assert sum(1 for _ in (exp / "data" / "train.jsonl").open()) == 16
     assert not (exp / "results.md").exists()
     md = (res / "results.md").read_text()
-    aucs = [(0.6 + 0.6 + k / 10) / 4 for k in (1, 2)]  # (0, .3), (2, .3), (4, .3 + k/10): trapezoids
+    # (0, .3), (2, .3), (4, .3 + k/10): trapezoids
+    aucs = [(0.6 + 0.6 + k / 10) / 4 for k in (1, 2)]
     got = json.loads((res / "results.json").read_text())["settings"][0]["val_auc"]
-    assert got["mean"] == pytest.approx(statistics.fmean(aucs)) and got["std"] == pytest.approx(statistics.stdev(aucs))
+    assert got["mean"] == pytest.approx(statistics.fmean(aucs))
+    assert got["std"] == pytest.approx(statistics.stdev(aucs))
     auc = f"{got['mean']:.3f} ± {got['std']:.3f}"  # 0.3375 rounds either way in binary
     assert f"| main | GRPO | GRPO | 0.450 ± 0.071 | {auc} | 0.500 ± 0.000 | 0.300 | 2 |" in md
     assert ("| main | ICPO | main GRPO | +0.0 [+0.0, +0.0] | 0/2 | +0.0 [+0.0, +0.0] | 0/2 "
@@ -289,8 +306,8 @@ def test_coarse_data_is_made_once_by_filter_coarse(tmp_path, monkeypatch):
     out = xd.coarse_train_file(train, "icpo/tiny-routes", 3, 40)
     assert out == xd.coarse_path(train) and len(specs) == 1
     spec = specs[0]
-    assert (spec.model, spec.train_files, spec.n, spec.max_new_tokens, spec.seed, spec.temperature) == \
-        ("icpo/tiny-routes", [str(train)], 3, 40, 0, 1.0)
+    assert (spec.model, spec.train_files, spec.n, spec.max_new_tokens, spec.seed,
+            spec.temperature) == ("icpo/tiny-routes", [str(train)], 3, 40, 0, 1.0)
     source = [json.loads(x) for x in train.open()]
     kept = [json.loads(x) for x in out.open()]
     stats = json.loads(out.with_suffix(".json").read_text())
@@ -348,7 +365,8 @@ def test_ablations_are_also_paired_within_their_group(tmp_path):
     def line(group, label, slug, name, last):
         for k in (1, 2):
             _write_run(exp / f"{name}{k}", 4, [0.3, 0.4, last + k / 100], [0.5] * 4)
-        return {**_setting(group, label, "icpo", {k: exp / f"{name}{k}" for k in (1, 2)}), "slug": slug}
+        return {**_setting(group, label, "icpo", {k: exp / f"{name}{k}" for k in (1, 2)}),
+                "slug": slug}
 
     settings = [line("omega", "ICPO warmup_decay", "icpo_omega_warmup_decay", "w", 0.6),
                 line("omega", "ICPO constant", "icpo_omega_constant", "c", 0.5),
@@ -357,7 +375,8 @@ def test_ablations_are_also_paired_within_their_group(tmp_path):
     rep.write_report(exp, settings, {"mode": "test", "seeds": [1, 2]})
     cmps = json.loads((exp / "results.json").read_text())["comparisons"]
     got = {(c["label"], c["baseline"]): c["final_val_acc"]["diffs"] for c in cmps}
-    assert set(got) == {("ICPO warmup_decay", "omega ICPO constant"), ("ICPO delta=0.3", "delta ICPO delta=0.5")}
+    assert set(got) == {("ICPO warmup_decay", "omega ICPO constant"),
+                        ("ICPO delta=0.3", "delta ICPO delta=0.5")}
     assert got[("ICPO warmup_decay", "omega ICPO constant")] == pytest.approx([0.1, 0.1])
     assert got[("ICPO delta=0.3", "delta ICPO delta=0.5")] == pytest.approx([-0.05, -0.05])
     md = (exp / "results.md").read_text()
@@ -371,14 +390,16 @@ def test_arithmetic_task_runs_the_table6_preset_on_icpo_tiny(tmp_path, monkeypat
     monkeypatch.setitem(rx.DATA_SIZES, "full", (16, 4))
     monkeypatch.setattr(rx, "RESULTS_DIR", tmp_path / "results" / "experiments")
     assert rx.main(["--task", "arithmetic", "--only", "main", "--seeds", "1", "--dry-run"]) == 0
-    assert "mode overrides: model.path=icpo/tiny rollout.max_response_length=64" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mode overrides: model.path=icpo/tiny rollout.max_response_length=64" in out
     assert (tmp_path / "outputs" / "experiments_arithmetic" / "data" / "train.jsonl").is_file()
     assert not (tmp_path / "outputs" / "experiments").exists()
     data = (tmp_path / "d" / "train.jsonl", tmp_path / "d" / "val.jsonl")
-    plan = rx.make_plan(rx.select_settings("main", False), [1], list(rx.TASK_OVERRIDES["arithmetic"]),
-                        tmp_path / "exp", data)
+    plan = rx.make_plan(rx.select_settings("main", False), [1],
+                        list(rx.TASK_OVERRIDES["arithmetic"]), tmp_path / "exp", data)
     cfg = load_config(rx.PRESET, plan.runs[0].overrides)
-    assert (cfg.model.path, cfg.rollout.n, cfg.actor.clip_low, cfg.actor.clip_high) == ("icpo/tiny", 5, 0.2, 0.2)
+    assert (cfg.model.path, cfg.rollout.n, cfg.actor.clip_low, cfg.actor.clip_high) == (
+        "icpo/tiny", 5, 0.2, 0.2)
     assert rx.main(["--task", "arithmetic", "--only", "main", "--seeds", "1", "--report-only"]) == 0
     assert (tmp_path / "results" / "experiments_arithmetic" / "results.md").is_file()
     assert not (tmp_path / "results" / "experiments").exists()
@@ -392,7 +413,8 @@ def test_report_names_repository_paths_relative(tmp_path):
 
 def test_report_only_keeps_the_timing_of_the_runs(tmp_path):
     old = tmp_path / "results.json"
-    old.write_text(json.dumps({"meta": {"mode": "full", "seeds": [1, 2], "jobs": 2, "wall_s_this_invocation": 3.5}}))
+    old.write_text(json.dumps({"meta": {"mode": "full", "seeds": [1, 2], "jobs": 2,
+                                        "wall_s_this_invocation": 3.5}}))
     assert rx.previous_timing(old, "full", [1, 2]) == {"jobs": 2, "wall_s_this_invocation": 3.5}
     assert rx.previous_timing(old, "full", [1, 2, 3]) == {}  # another plan: its timing says nothing
     assert rx.previous_timing(tmp_path / "missing.json", "full", [1, 2]) == {}
@@ -415,8 +437,8 @@ def test_quick_mode_trains_reports_and_resumes(tmp_path):
     invocation that finds both runs finished and trains nothing."""
     import subprocess
 
-    cmd = [sys.executable, str(ROOT / "experiments" / "run_experiments.py"), "--quick", "--seeds", "1",
-           "--jobs", "2", "--out", str(tmp_path / "q")]
+    cmd = [sys.executable, str(ROOT / "experiments" / "run_experiments.py"), "--quick",
+           "--seeds", "1", "--jobs", "2", "--out", str(tmp_path / "q")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -425,7 +447,8 @@ def test_quick_mode_trains_reports_and_resumes(tmp_path):
         rows = rep.read_rows(tmp_path / "q" / "runs" / name / "metrics.jsonl")
         assert max(r["step"] for r in rows) == 6
     res = json.loads((tmp_path / "q" / "results.json").read_text())
-    assert [(s["label"], s["final_val_acc"]["n"]) for s in res["settings"]] == [("GRPO", 1), ("ICPO", 1)]
+    assert [(s["label"], s["final_val_acc"]["n"]) for s in res["settings"]] == [("GRPO", 1),
+                                                                                 ("ICPO", 1)]
     assert res["meta"]["jobs"] == 2 and (tmp_path / "q" / "plots" / "main.png").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert again.returncode == 0 and "2 runs (2 already done)" in again.stdout
@@ -433,7 +456,8 @@ def test_quick_mode_trains_reports_and_resumes(tmp_path):
 
 
 def test_readme_contrast_paragraph_quotes_the_arithmetic_results():
-    """Every interval the README quotes for the --task arithmetic contrast is in its results file."""
+    """Every interval the README quotes for the --task arithmetic contrast is in its results
+    file."""
     import re
 
     readme = (ROOT / "README.md").read_text()
