@@ -52,11 +52,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from icpo.config import DataConfig, RewardConfig, RolloutConfig
     from icpo.data import PromptDataset, load_records
+    from icpo.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
     from icpo.rewards import RewardFn
     from icpo.rollout.hf import HFRolloutEngine
     from icpo.trainer.evaluate import evaluate
     from icpo.trainer.preflight import check_model_path, check_reward_function
-    from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
 
     check_model_path("--model", args.model)  # before loading anything: one-line errors
     check_reward_function(args.reward, "--reward")

@@ -154,12 +154,12 @@ def test_bad_arguments_are_refused_before_loading(tmp_path, monkeypatch, change,
              "EXISTS": str(tmp_path / "exists.jsonl"), "MISSING": str(tmp_path / "missing")}
     change = {k: ([paths[x] for x in v] if isinstance(v, list) else paths.get(v, v))
               for k, v in change.items()}
-    import icpo.trainer.setup as setup
+    import icpo.models.loading as loading
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(setup, "load_causal_lm", no_model)
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
     spec = CoarseFilterSpec(**{"model": "icpo/tiny", "train_files": [str(data)],
                                "output": str(tmp_path / "out.jsonl"), **change})
     with pytest.raises(CoarseFilterError, match=match):

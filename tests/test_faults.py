@@ -63,7 +63,7 @@ def no_setup(monkeypatch):
         raise AssertionError("set-up started despite a bad input")
 
     monkeypatch.setattr("icpo.trainer.trainer.dist.init_distributed", forbidden)
-    monkeypatch.setattr("icpo.trainer.trainer.build_engines", forbidden)
+    monkeypatch.setattr("icpo.trainer.trainer.build_training_models", forbidden)
 
 
 def train_cli(capsys, data: Path, out: Path, *args: str) -> tuple[int, str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from launch import clean_env, free_port
+
 from icpo.config import config_from_dict
 from icpo.errors import TrainingStopped
 from icpo.tasks.arithmetic import make_records, write_jsonl
@@ -58,7 +58,7 @@ def checkpoint_weights_finite(folder: Path) -> bool:
 
 
 def optimizer_state(trainer: Trainer) -> list[torch.Tensor]:
-    opt = trainer.engines.optimizer
+    opt = trainer.models.optimizer
     return [v.clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
 
 
@@ -99,8 +99,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(train_file, tmp_p
 
     def spy(self):
         result = real_step(self)
-        snapshots[self.step + 1] = ([p.detach().clone() for p in self.engines.actor.module.parameters()],
-                                    optimizer_state(self), self.engines.scheduler.last_epoch)
+        params = [p.detach().clone() for p in self.models.actor.module.parameters()]
+        snapshots[self.step + 1] = (params, optimizer_state(self), self.models.scheduler.last_epoch)
         return result
 
     monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
@@ -111,12 +111,12 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(train_file, tmp_p
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["guard/skipped_steps"] == 0 and rows[1]["guard/skipped_steps"] == 1
     assert rows[1]["guard/skipped_total"] == 1
-    assert trainer.engines.actor.skipped_steps == 2
+    assert trainer.models.actor.skipped_steps == 2
     (w1, m1, s1), (w2, m2, s2) = snapshots[1], snapshots[2]
     assert all(torch.equal(a, b) for a, b in zip(w1, w2))  # skipped: weights untouched
     assert all(torch.equal(a, b) for a, b in zip(m1, m2))  # ... and Adam's moments
     assert s1 == s2  # ... and the lr schedule
-    now = [p.detach() for p in trainer.engines.actor.module.parameters()]
+    now = [p.detach() for p in trainer.models.actor.module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(w1, now))
 
 
@@ -126,7 +126,7 @@ def test_optimizer_step_skips_a_nan_gradient(train_file, tmp_path, stage):
     check before step(), ZeRO-2 by DeepSpeed's overflow path); a finite one is applied."""
     cfg = make_cfg(train_file, tmp_path / "run", f"trainer.zero_stage={stage}")
     trainer = Trainer(cfg)
-    actor, module = trainer.engines.actor, trainer.engines.actor.module
+    actor, module = trainer.models.actor, trainer.models.actor.module
     ids = torch.tensor([[5, 6, 7, 8]])
 
     def backward(poison: bool) -> None:
@@ -136,12 +136,12 @@ def test_optimizer_step_skips_a_nan_gradient(train_file, tmp_path, stage):
         actor.backward(loss, scale_wrt_gas=False)
 
     before_w = [p.detach().clone() for p in module.parameters()]
-    before_m, before_s = optimizer_state(trainer), trainer.engines.scheduler.last_epoch
+    before_m, before_s = optimizer_state(trainer), trainer.models.scheduler.last_epoch
     backward(poison=True)
     assert optimizer_step(actor, False)[0] is True
     assert all(torch.equal(a, b.detach()) for a, b in zip(before_w, module.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before_m, optimizer_state(trainer)))
-    assert trainer.engines.scheduler.last_epoch == before_s and actor.skipped_steps == 1
+    assert trainer.models.scheduler.last_epoch == before_s and actor.skipped_steps == 1
     backward(poison=False)
     assert optimizer_step(actor, False)[0] is False
     assert not all(torch.equal(a, b.detach()) for a, b in zip(before_w, module.parameters()))
@@ -169,7 +169,7 @@ def test_guard_collapse_sentinel_and_skip_counter():
 
 def test_skipped_prompts_are_counted_and_reported(train_file, tmp_path, capsys):
     from icpo.data import PromptDataset, load_records
-    from icpo.trainer.setup import load_tokenizer
+    from icpo.models.loading import load_tokenizer
 
     cfg = make_cfg(train_file, tmp_path / "probe")
     lengths = sorted(len(it.prompt_ids) for it in PromptDataset(
@@ -228,8 +228,8 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(train_file, tmp_path,
     assert resumed.step == 1
     resumed.train()
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000001", "step_000002"]
-    a = straight.engines.actor.module.state_dict()
-    b = resumed.engines.actor.module.state_dict()
+    a = straight.models.actor.module.state_dict()
+    b = resumed.models.actor.module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -263,7 +263,8 @@ def test_two_processes_print_one_line_and_exit_2(train_file, tmp_path, case):
     errors = [ln for ln in proc.stderr.splitlines() if "icpo train: error:" in ln]
     assert len(errors) == 2, proc.stderr[-3000:]
     assert ("holds another run" if case == "before_setup" else "stopped at step 1") in errors[0]
-    assert 'icpo/' not in "".join(ln for ln in proc.stderr.splitlines() if ln.startswith('  File "'))
+    frames = [ln for ln in proc.stderr.splitlines() if ln.startswith('  File "')]
+    assert 'icpo/' not in "".join(frames)
     assert "exitcode  : 2" in proc.stderr or "exit code 2" in proc.stderr.lower() or \
         "returned non-zero exit status 2" in proc.stderr, proc.stderr[-3000:]
     if case == "after_setup":

@@ -44,7 +44,7 @@ def config(model: Path | str, train: Path, out: Path, **trainer) -> dict:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.engines.actor.module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.models.actor.module.state_dict().items()}
 
 
 def test_ctrl_c_before_the_update_saves_the_last_step_and_resumes_exactly(
@@ -100,9 +100,11 @@ def test_ctrl_c_during_the_update_finishes_the_step(tiny_random_model_dir, data,
     err = capsys.readouterr().err
     assert "finishing this step's update" in err
     assert info.value.checkpoint == str(tmp_path / "c" / "checkpoints" / "step_000001")
-    state = json.loads((tmp_path / "c" / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
+    saved = tmp_path / "c" / "checkpoints" / "step_000001"
+    state = json.loads((saved / "trainer_state.json").read_text())
     assert state["step"] == 1
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(ln)["step"] for ln in lines]
     assert steps == [1]
     assert restored is signal.default_int_handler  # handler restored
 
@@ -122,7 +124,8 @@ def test_save_on_interrupt_off(tiny_random_model_dir, data, tmp_path, monkeypatc
         Trainer(cfg).train()
     assert info.value.checkpoint is None
     assert not (tmp_path / "d" / "checkpoints").exists()
-    assert "not saved (trainer.save_on_interrupt=false); no checkpoint yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not saved (trainer.save_on_interrupt=false); no checkpoint yet" in err
 
 
 @pytest.mark.slow
@@ -162,7 +165,8 @@ def test_sigint_is_handled_even_when_inherited_ignored():
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with InterruptGuard(lambda: True) as guard:
-            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+            defaults = (signal.SIG_IGN, signal.default_int_handler)
+            assert signal.getsignal(signal.SIGINT) not in defaults
             signal.raise_signal(signal.SIGINT)  # during an update: only recorded
         assert guard.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:

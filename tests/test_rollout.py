@@ -21,10 +21,10 @@ from icpo.rollout import (
     unwrap_model,
     vllm_engine,
 )
+from icpo.rollout.base import iter_full_parameters
 from icpo.rollout.vllm_engine import (
     VLLMRolloutEngine,
     build_requests,
-    iter_full_parameters,
     map_weight_name,
     parse_outputs,
 )
@@ -208,15 +208,29 @@ def test_bad_sampling_params(kw, match):
 
 
 def test_sampling_params_from_config_and_batch_checks():
-    cfg = SimpleNamespace(n=5, temperature=1.0, top_p=0.9, top_k=-1, max_response_length=64,
-                          val_n=1, val_temperature=0.0)
-    assert SamplingParams.from_config(cfg, seed=3) == SamplingParams(5, 1.0, 0.9, -1, 64, 3)
-    val = SamplingParams.from_config(cfg, validation=True)
-    assert val.n == 1 and val.greedy
+    cfg = SimpleNamespace(n=5, temperature=1.0, top_p=0.9, top_k=7, max_response_length=64,
+                          val_n=2, val_temperature=0.5)
+    assert SamplingParams.from_config(cfg, seed=3) == SamplingParams(5, 1.0, 0.9, 7, 64, 3)
+    # Held-out evaluation samples the whole distribution: no top-p / top-k of training's.
+    assert (SamplingParams.from_config(cfg, validation=True, seed=4)
+            == SamplingParams(2, 0.5, 1.0, -1, 64, 4))
     with pytest.raises(ValueError, match="finish_reasons"):
         RolloutBatch([[1]], [[2]], ["abort"])
     with pytest.raises(ValueError, match="equal lengths"):
         RolloutBatch([[1]], [[2], [3]], ["stop"])
+    with pytest.raises(ValueError, match="equal lengths"):
+        RolloutBatch([[1]], [[2]], ["stop"], records=["a", "b"])
+
+
+def test_rollout_batch_select_carries_every_per_sample_field():
+    batch = RolloutBatch([[1], [2], [3]], [[4], [5, 6], [7]], ["stop", "length", "stop"],
+                         records=["a", "b", "c"], extras={"seconds": 1.5})
+    sub = batch.select([2, 0])
+    assert (sub.prompt_ids, sub.response_ids, sub.finish_reasons, sub.records, sub.extras) == (
+        [[3], [1]], [[7], [4]], ["stop", "stop"], ["c", "a"], {"seconds": 1.5})
+    assert len(batch.select([])) == 0 and batch.select([]).records == []
+    plain = RolloutBatch([[1]], [[2]], ["stop"]).select([0, 0])
+    assert plain.records is None and plain.response_ids == [[2], [2]]
     assert truncate_at_eos([4, 9, 5, 9], [9], 8) == ([4, 9], "stop")
     assert truncate_at_eos([4, 5, 6], [9], 2) == ([4, 5], "length")
 
@@ -231,7 +245,8 @@ def test_make_rollout_engine(model):
         if importlib.util.find_spec("vllm") is None:
             with pytest.raises(RuntimeError, match="needs vLLM 0.32.0.*tools/vllm_cpu_env.sh"):
                 make_rollout_engine(SimpleNamespace(engine="vllm"), model, eos_token_id=EOS)
-            with pytest.raises(RuntimeError, match="needs vLLM 0.32.0"):  # the trainer's early check
+            # the trainer's early check
+            with pytest.raises(RuntimeError, match="needs vLLM 0.32.0"):
                 check_engine_available("vllm")
     for name in ("hf", "auto"):
         check_engine_available(name)  # runs anywhere
@@ -322,7 +337,8 @@ class FakeLLM:
         return outs
 
     def collective_rpc(self, method, kwargs=None):
-        if callable(method):  # worker-side helpers: run on the real engine (tests/test_vllm_engine.py)
+        # worker-side helpers: run on the real engine (tests/test_vllm_engine.py)
+        if callable(method):
             self.calls.append(method.__name__)
             return [None]
         assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
@@ -369,6 +385,26 @@ def test_vllm_engine_lifecycle_with_stand_in(model, monkeypatch):
     assert quiet.calls == []
     with pytest.raises(ValueError, match="eos_token_ids"):
         VLLMRolloutEngine(None, eos_token_ids=[], llm=fake)
+
+
+def test_sync_from_pushes_weights_only_to_an_engine_with_its_own(model, monkeypatch):
+    """What the trainer calls after every update: the HF engine samples from the trained module
+    and is sent nothing; the vLLM engine gets every full parameter, wrappers looked through."""
+    hf = engine(model)
+    monkeypatch.setattr(hf, "load_weights", lambda tensors: pytest.fail("HF engine sent weights"))
+    hf.sync_from(model)
+    trainer_model, engine_copy = tiny_qwen2(seed=1), tiny_qwen2(seed=2)
+    fake = FakeLLM(model, engine_copy)
+    eng = VLLMRolloutEngine(None, eos_token_ids=EOS, llm=fake, enable_sleep_mode=False)
+    wrapped = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    wrapped.module = trainer_model
+    eng.sync_from(wrapped)
+    for name, param in trainer_model.state_dict().items():
+        assert torch.equal(engine_copy.state_dict()[name], param), name
+    assert fake.calls == ["reload_weights", "_repack_tied_lm_head", "reset_prefix_cache"]
+    seen = []  # another reading of the weights (e.g. merged LoRA) goes in through `parameters`
+    eng.sync_from(wrapped, 3, parameters=lambda m, z: seen.append((m, z)) or [])
+    assert seen == [(wrapped, 3)]
 
 
 def test_vllm_engine_without_vllm_installed(monkeypatch):
@@ -433,7 +469,7 @@ def test_decoder_first_token_distribution_matches_model(model):
 
 
 def test_sliding_window_models_use_generate():
-    from icpo.rollout.base import kv_cache_shareable
+    from icpo.models.loading import kv_cache_shareable
 
     cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1,

@@ -4,7 +4,8 @@ prompts, G = 3-4, 24-token responses, 1-4 steps each.
 Covered: one ICPO step (every metric, finite loss, weights move); GRPO == ICPO at omega 0;
 fused scoring+update == separate passes; crash + resume == uninterrupted run; checkpoint layout;
 two-process torchrun runs (plain, and ZeRO-2 with ranks given unequal work); the noisy-reward
-setting and the per-step mixed-group filter; bad data and resume-path errors. CLI tests: test_cli.py.
+setting and the per-step mixed-group filter; bad data and resume-path errors. CLI tests:
+test_cli.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import clean_env, free_port
 
 import icpo.trainer.trainer as trainer_mod
 import icpo.trainer.update as update_mod
-from launch import clean_env, free_port
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import config_from_dict
 from icpo.data.dataset import DataError
@@ -120,7 +121,7 @@ def deterministic(record: dict) -> dict:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.engines.actor.module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.models.actor.module.state_dict().items()}
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -156,7 +157,8 @@ STEP_KEYS = [
     "icpo/score/mean", "icpo/score/std", "icpo/score/min", "icpo/score/max",
     "reward/final/mean", "reward/final/std",
     "advantage/mean", "advantage/std", "advantage/min", "advantage/max",
-    "confidence/mean", "confidence/std", "confidence/group_std", "entropy", "actor/kl", "actor/kl_loss", "actor/clipfrac",
+    "confidence/mean", "confidence/std", "confidence/group_std", "entropy", "actor/kl",
+    "actor/kl_loss", "actor/clipfrac",
     "actor/pg_loss", "actor/approx_kl", "actor/grad_norm", "actor/lr",
     "response_length/mean", "response_length/max", "response_length/clip_ratio",
     "zero_std_group_frac", "time/generation", "time/reward", "time/old_logprob",
@@ -234,7 +236,7 @@ def test_fused_scoring_and_update_match_separate_passes(tiny_random_model_dir, t
                                                         tmp_path, monkeypatch):
     """One mini-batch that fits one micro-batch: the trainer scores it with grad and reuses that
     forward for the update. The gradient must be what separate passes give."""
-    real_logprobs = trainer_mod.response_logprobs
+    real_logprobs, real_update = trainer_mod.response_logprobs, Trainer._update
     assert update_mod.response_logprobs is real_logprobs
     runs = {}
     for name, budget in (("fused", 8192), ("separate", 256)):  # 256: one sample per micro-batch
@@ -246,23 +248,32 @@ def test_fused_scoring_and_update_match_separate_passes(tiny_random_model_dir, t
 
         monkeypatch.setattr(trainer_mod, "response_logprobs", counting)  # the scoring pass
         monkeypatch.setattr(update_mod, "response_logprobs", counting)  # the update's forwards
+        reused = []
+
+        def spy_update(self, scored, step, reused=reused):
+            reused.append(scored.forward is not None)
+            return real_update(self, scored, step)
+
+        monkeypatch.setattr(Trainer, "_update", spy_update)
         out = tmp_path / name
         trainer = Trainer(make_cfg(tiny_random_model_dir, task_data, out,
                                    "actor.ppo_mini_batch_size=4", "trainer.eval_every=0",
                                    f"actor.max_tokens_per_micro_batch={budget}"))
         grads = []
-        real_step = trainer.engines.actor.step
+        real_step = trainer.models.actor.step
 
         def capturing_step(*a, **k):
             grads.append({n: p.grad.detach().clone()
-                          for n, p in trainer.engines.actor.module.named_parameters()})
+                          for n, p in trainer.models.actor.module.named_parameters()})
             return real_step(*a, **k)
 
-        trainer.engines.actor.step = capturing_step
+        trainer.models.actor.step = capturing_step
         trainer.train()
-        runs[name] = (len(calls), grads, read_metrics(out)[-1])
-    (n_fused, g_fused, m_fused), (n_sep, g_sep, m_sep) = runs["fused"], runs["separate"]
+        runs[name] = (len(calls), grads, read_metrics(out)[-1], reused)
+    (n_fused, g_fused, m_fused, r_fused), (n_sep, g_sep, m_sep, r_sep) = (runs["fused"],
+                                                                          runs["separate"])
     assert n_fused == 1 and n_sep == 16  # one forward with grad vs one per sample
+    assert r_fused == [True] and r_sep == [False]  # ScoredRollout.forward handed over, or not
     assert len(g_fused) == len(g_sep) == 1
     for k in g_fused[0]:
         torch.testing.assert_close(g_fused[0][k], g_sep[0][k], rtol=1e-3, atol=1e-6, msg=k)
@@ -364,8 +375,8 @@ def write_yaml(path: Path, d: dict) -> Path:
 @pytest.mark.parametrize("variant", ["zero0", "zero2_drop_mixed_uneven", "zero3"])
 def test_two_process_torchrun(tiny_random_model_dir, task_data, tmp_path, variant):
     """``zero0``: the plain data-parallel run. ``zero2_drop_mixed_uneven``: ZeRO-2 reduces
-    gradients in every backward, and drop_mixed_groups leaves rank 0 four groups and rank 1 none, so the
-    ranks' work differs; the trainer must keep their collectives in step (no hang)."""
+    gradients in every backward, and drop_mixed_groups leaves rank 0 four groups and rank 1 none,
+    so the ranks' work differs; the trainer must keep their collectives in step (no hang)."""
     out = tmp_path / "ddp"
     d = base_dict(tiny_random_model_dir, task_data, out)
     d["trainer"].update(total_steps=2, eval_every=2)
@@ -452,9 +463,9 @@ def test_drop_mixed_groups_keeps_only_uniform_groups(tiny_random_model_dir, task
     updates: list[list[list[int]]] = []
     real_update = Trainer._update
 
-    def spy_update(self, ro, *args, **kw):
-        updates.append([list(r) for r in ro.response_ids])
-        return real_update(self, ro, *args, **kw)
+    def spy_update(self, scored, *args, **kw):
+        updates.append([list(r) for r in scored.samples.response_ids])
+        return real_update(self, scored, *args, **kw)
 
     monkeypatch.setattr(Trainer, "_update", spy_update)
     rollouts: list[list[list[int]]] = []
@@ -538,4 +549,5 @@ def test_rollout_seed_overrides_trainer_seed(tiny_random_model_dir, task_data, t
     cfg = make_cfg(tiny_random_model_dir, task_data, tmp_path / "b")
     cfg.rollout.seed = 7
     trainer = Trainer(cfg)
-    assert trainer.sampling_seed == 7 and trainer._sampling(3).seed == trainer_mod.step_seed(7, 3, 0)
+    assert trainer.sampling_seed == 7
+    assert trainer._sampling(3).seed == trainer_mod.step_seed(7, 3, 0)

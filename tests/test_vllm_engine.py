@@ -18,7 +18,8 @@ import torch
 import transformers
 
 from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available
-from icpo.rollout.vllm_engine import VLLMRolloutEngine, iter_full_parameters, sleep_mode_supported
+from icpo.rollout.base import iter_full_parameters
+from icpo.rollout.vllm_engine import VLLMRolloutEngine, sleep_mode_supported
 
 
 def _vllm_skip_reason() -> str | None:

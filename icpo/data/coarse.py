@@ -1,4 +1,5 @@
-"""The paper's coarse-grained data filter (Table 2, App. B.1; SPEC "Coarse-grained rewards").
+"""The paper's coarse-grained data filter (Table 2, App. B.1; docs/algorithm.md, "Coarse-grained
+rewards").
 
 A one-off pass over the TRAINING DATA, before any training: the base model samples G responses
 per prompt, each response is judged correct or not by the reward function, and the prompts
@@ -175,10 +176,10 @@ def filter_coarse(spec: CoarseFilterSpec) -> dict[str, Any]:
 
     from icpo.config import DataConfig, RewardConfig
     from icpo.models import resolve_model_path
+    from icpo.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
     from icpo.rewards import RewardFn
     from icpo.rollout import SamplingParams
     from icpo.rollout.hf import HFRolloutEngine
-    from icpo.trainer.setup import load_causal_lm, load_tokenizer, resolve_dtype
 
     spec.validate()
     try:

@@ -1,4 +1,5 @@
-"""Models bundled with icpo.
+"""Models bundled with icpo; loading any model is :mod:`icpo.models.loading` (torch imported
+there, not here).
 
 ``icpo/tiny`` is a ~0.9M-parameter ``LlamaForCausalLM`` with its tokenizer, pretrained (SFT) by
 ``scripts/make_tiny_model.py`` on :mod:`icpo.tasks.arithmetic` in the Table 5 (R1) template until

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -59,18 +59,24 @@ class SamplingParams:
     @classmethod
     def from_config(cls, rollout_cfg: Any, *, validation: bool = False,
                     seed: int | None = None) -> SamplingParams:
-        """From a RolloutConfig-like (``n``, ``temperature``, ``top_p``, ``top_k``,
-        ``max_response_length``; ``val_n``, ``val_temperature`` when ``validation``)."""
-        val = validation
-        return cls(n=rollout_cfg.val_n if val else rollout_cfg.n,
-                   temperature=rollout_cfg.val_temperature if val else rollout_cfg.temperature,
+        """A training step's sampling from a RolloutConfig-like (``n``, ``temperature``,
+        ``top_p``, ``top_k``), or with ``validation`` held-out evaluation's: ``val_n`` samples
+        at ``val_temperature`` from the whole distribution (top-p and top-k off, as verl's
+        validation defaults). Either way at most ``max_response_length`` tokens."""
+        if validation:
+            return cls(n=rollout_cfg.val_n, temperature=rollout_cfg.val_temperature, top_p=1.0,
+                       top_k=-1, max_new_tokens=rollout_cfg.max_response_length, seed=seed)
+        return cls(n=rollout_cfg.n, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
                    max_new_tokens=rollout_cfg.max_response_length, seed=seed)
 
 
 @dataclass
 class RolloutBatch:
-    """Sampled responses, one row per sample (``B * n`` rows, each prompt's n consecutive)."""
+    """Sampled responses, one row per sample (``B * n`` rows, each prompt's n consecutive).
+
+    Every field but ``extras`` holds one entry per sample (or is None), so :meth:`select`
+    carries any field added here along."""
 
     prompt_ids: list[list[int]]
     """The prompt of each sample (repeated n times per prompt)."""
@@ -78,14 +84,18 @@ class RolloutBatch:
     """The response tokens, ending with EOS when finish reason is ``stop``."""
     finish_reasons: list[str]
     """``"stop"`` (EOS generated) or ``"length"`` (max_new_tokens reached)."""
+    records: list[Any] | None = None
+    """What each sample answers (its dataset record, for the reward); engines leave it None and
+    the trainer sets it."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Engine-specific per-call information (e.g. timings); never needed for training."""
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        if len(self.response_ids) != n or len(self.finish_reasons) != n:
-            raise ValueError("RolloutBatch fields must have equal lengths, got "
-                             f"{n}, {len(self.response_ids)}, {len(self.finish_reasons)}")
+        lengths = [len(getattr(self, name)) for name in self._per_sample()]
+        if any(k != n for k in lengths):
+            raise ValueError(f"RolloutBatch fields {self._per_sample()} must have equal lengths, "
+                             f"got {lengths}")
         bad = set(self.finish_reasons) - set(FINISH_REASONS)
         if bad:
             raise ValueError(f"finish_reasons must be in {FINISH_REASONS}, got {sorted(bad)}")
@@ -93,10 +103,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.response_ids)
 
-    @property
-    def response_lengths(self) -> list[int]:
-        """Number of tokens of each response."""
-        return [len(r) for r in self.response_ids]
+    def _per_sample(self) -> list[str]:
+        return [f.name for f in fields(self)
+                if f.name != "extras" and getattr(self, f.name) is not None]
+
+    def select(self, rows: Sequence[int]) -> RolloutBatch:
+        """The samples ``rows``, in that order, as a batch of their own."""
+        picked = {name: [getattr(self, name)[i] for i in rows] for name in self._per_sample()}
+        return replace(self, **picked, extras=dict(self.extras))
 
 
 def truncate_at_eos(tokens: Sequence[int], eos_ids: Iterable[int],
@@ -174,10 +188,18 @@ def resolve_special_ids(model: nn.Module, tokenizer: Any = None, pad_token_id: i
 class RolloutEngine(ABC):
     """Samples responses for token-id prompts with the current policy.
 
-    Lifecycle within a training step (colocated engines): ``wake_up()`` ->
-    ``load_weights(...)`` -> ``reset_cache()`` -> ``generate(...)`` -> ``sleep()``. Engines that
-    read the live training model (HF) implement the weight and memory methods as no-ops.
+    How the trainer drives an engine (icpo/trainer/trainer.py): every step ``wake_up()`` ->
+    ``generate(...)`` -> ``sleep()``, and once the update has run (also after loading a
+    checkpoint) ``sync_from(model, zero_stage)``; evaluation runs ``wake_up()`` -> ``generate``
+    -> ``sleep()`` too. An engine with weights of its own (vLLM) takes the new ones in
+    :meth:`sync_from` through :meth:`load_weights`, which also drops the prefix cache computed
+    with the old ones (:meth:`reset_cache`). An engine that samples from the live training
+    model (HF, ``shares_weights``) has nothing to sync, and its memory methods are no-ops.
     """
+
+    shares_weights: bool = False
+    """True when the engine samples from the training model itself: :meth:`sync_from` is a
+    no-op."""
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
@@ -195,13 +217,31 @@ class RolloutEngine(ABC):
     def reset_cache(self) -> None:
         """Drop cached prefixes computed with outdated weights."""
 
+    def sync_from(self, model: nn.Module, zero_stage: int = 0, *,
+                  parameters: Callable[[nn.Module, int], Iterable[tuple[str, torch.Tensor]]]
+                  | None = None) -> None:
+        """Bring the engine's weights up to ``model``'s; every rank calls it, since under ZeRO-3
+        the gather is collective. ``parameters(model, zero_stage)`` reads the ``(name, full
+        tensor)`` pairs to push (default :func:`iter_full_parameters`; e.g. merged LoRA
+        weights instead)."""
+        if not self.shares_weights:
+            self.load_weights((parameters or iter_full_parameters)(model, zero_stage))
 
-def kv_cache_shareable(config: Any) -> bool:
-    """Whether every attention layer of a transformers model with ``config`` sees the whole
-    sequence (no sliding window, no hybrid / linear-attention layers), so that a prompt's KV
-    cache can be computed once, repeated for several continuations and pruned by rows."""
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(t == "full_attention" for t in layer_types)
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+def iter_full_parameters(model: nn.Module, zero_stage: int = 0
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for every parameter of the (unwrapped) model.
+
+    Under ZeRO-3 each parameter is gathered just for its turn (``GatheredParameters``), so
+    consume each tensor before asking for the next; every rank must iterate in step.
+    """
+    model = unwrap_model(model)
+    if zero_stage == 3:
+        import deepspeed
+
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.data
+    else:
+        for name, param in model.named_parameters():
+            yield name, param.data

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from icpo.models.loading import kv_cache_shareable
 from icpo.rollout.base import (
     RolloutBatch,
     RolloutEngine,
     SamplingParams,
     check_prompts,
-    kv_cache_shareable,
     resolve_special_ids,
     truncate_at_eos,
     unwrap_model,
@@ -48,6 +48,8 @@ class HFRolloutEngine(RolloutEngine):
         decoder: ``"auto"`` (our sampling loop where the model allows it, else ``generate``),
             ``"icpo"`` or ``"generate"``.
     """
+
+    shares_weights = True  # it samples from the module being trained
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, pad_token_id: int | None = None,
                  eos_token_id: int | Iterable[int] | None = None, zero_stage: int = 0,
@@ -122,8 +124,9 @@ class HFRolloutEngine(RolloutEngine):
         ids = as_long([[self.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = as_long([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask,
+                    position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].repeat_interleave(n, 0)
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -149,7 +152,7 @@ class HFRolloutEngine(RolloutEngine):
             if 4 * (alive.numel() - remaining) >= alive.numel():
                 keep = alive.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                mask, pos, rows, nxt, alive = mask[keep], pos[keep], rows[keep], nxt[keep], alive[keep]
+                mask, pos, rows, nxt, alive = (t[keep] for t in (mask, pos, rows, nxt, alive))
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
                         past_key_values=cache, use_cache=True)

@@ -36,7 +36,8 @@ not yet run on a GPU. The vLLM API relied on, and where it is:
   The iterator is consumed in the worker, which is this process: the engine core runs
   in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vllm/envs.py) with the ``UniProcExecutor``
   or, under torchrun/deepspeed launchers, ``distributed_executor_backend="external_launcher"``;
-  so ZeRO-3 gathers (:func:`iter_full_parameters`) run one parameter at a time.
+  so ZeRO-3 gathers (:func:`~icpo.rollout.base.iter_full_parameters`) run one parameter at a
+  time.
 
 Everything vLLM-specific is in :class:`VLLMRolloutEngine`; the pure helpers
 (:func:`build_requests`, :func:`parse_outputs`, :func:`map_weight_name`) are unit-tested with
@@ -50,7 +51,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from icpo.rollout.base import (
     RolloutBatch,
@@ -58,7 +58,6 @@ from icpo.rollout.base import (
     SamplingParams,
     check_prompts,
     truncate_at_eos,
-    unwrap_model,
 )
 
 #: Leading name parts added by wrappers (DeepSpeed/DDP ``module.``, torch.compile, PEFT).
@@ -103,25 +102,6 @@ def map_weight_names(named_tensors: Iterable[tuple[str, torch.Tensor]]
         mapped = map_weight_name(name)
         if mapped is not None:
             yield mapped, tensor
-
-
-def iter_full_parameters(model: nn.Module, zero_stage: int = 0
-                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full tensor)`` for every parameter of the (unwrapped) model.
-
-    Under ZeRO-3 each parameter is gathered just for its turn (``GatheredParameters``), so
-    consume each tensor before asking for the next; every rank must iterate in step.
-    """
-    model = unwrap_model(model)
-    if zero_stage == 3:
-        import deepspeed
-
-        for name, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                yield name, param.data
-    else:
-        for name, param in model.named_parameters():
-            yield name, param.data
 
 
 def build_requests(prompt_ids: Sequence[Sequence[int]], params: SamplingParams,

@@ -9,15 +9,12 @@ from icpo.trainer import distributed as dist
 
 
 def evaluate(engine, tokenizer, dataset, reward_fn, rollout_cfg, *, rank: int = 0, world: int = 1,
-             n: int | None = None, temperature: float | None = None, seed: int = 0) -> float:
-    """mean@k accuracy of ``engine`` on ``dataset``: every prompt answered ``n`` (``val_n``)
-    times at ``temperature`` (``val_temperature``; 0 is greedy), averaged over all answers.
-    Prompts are split over ranks and the result is the same on every rank."""
+             seed: int = 0) -> float:
+    """mean@k accuracy of ``engine`` on ``dataset``: every prompt answered ``val_n`` times at
+    ``val_temperature`` (0 is greedy; :meth:`SamplingParams.from_config`), averaged over all
+    answers. Prompts are split over ranks and the result is the same on every rank."""
     items = dataset.items[rank::world]
-    params = SamplingParams(n=n or rollout_cfg.val_n,
-                            temperature=rollout_cfg.val_temperature if temperature is None else temperature,
-                            top_p=1.0, top_k=-1, max_new_tokens=rollout_cfg.max_response_length,
-                            seed=seed + rank)
+    params = SamplingParams.from_config(rollout_cfg, validation=True, seed=seed + rank)
     correct = torch.zeros(0)
     if items:
         engine.wake_up()

@@ -23,7 +23,7 @@ import math
 import torch
 
 from icpo import ops
-from icpo.rollout.base import kv_cache_shareable
+from icpo.models.loading import kv_cache_shareable
 from icpo.trainer.batching import PackedBatch, pack_samples, segment_positions
 
 
@@ -58,7 +58,8 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
         if share_prefix and not lockstep and _can_share_prefix(body):
             scored = _shared_prefix_hidden(body, batch)
         if scored is None:
-            hidden = _padded_hidden(body, batch, call_tokens=math.inf if lockstep else BUCKET_CALL_TOKENS)
+            call_tokens = math.inf if lockstep else BUCKET_CALL_TOKENS
+            hidden = _padded_hidden(body, batch, call_tokens=call_tokens)
     if scored is None:
         scored = hidden.index_select(0, batch.score_positions)
     logits = head(scored)
@@ -83,7 +84,8 @@ def length_buckets(lengths: list[int], call_tokens: int = BUCKET_CALL_TOKENS) ->
         by_len.setdefault(n, []).append(i)
     values = sorted(by_len, reverse=True)
     counts = [len(by_len[v]) for v in values]
-    # best[j]: cheapest split of the j longest distinct lengths; cut[j]: where its last bucket starts.
+    # best[j]: cheapest split of the j longest distinct lengths; cut[j]: where its last bucket
+    # starts.
     best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)
     for j in range(1, len(values) + 1):
         rows = 0

@@ -1,4 +1,5 @@
-"""Loading the policy, reference model and tokenizer, and wrapping them in DeepSpeed engines."""
+"""The models the trainer trains and scores with: the policy wrapped in a DeepSpeed engine (with
+its optimizer and lr schedule) and the frozen reference model (loading: icpo/models/loading.py)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,7 @@ from typing import Any
 
 import torch
 
-from icpo.models import resolve_model_path
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
-def load_tokenizer(path: str):
-    """The tokenizer at ``path``, padding on the left (generation) with a pad token set."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+from icpo.models.loading import load_causal_lm, resolve_dtype
 
 
 def deepspeed_config(zero_stage: int, dtype: torch.dtype, grad_clip: float,
@@ -55,17 +36,6 @@ def deepspeed_config(zero_stage: int, dtype: torch.dtype, grad_clip: float,
     return cfg
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device,
-                   attn_implementation: str | None = None) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
-    return model.to(device)
-
-
 def lr_lambda(warmup: int, total: int, schedule: str):
     """Multiplier of the base lr at optimizer step ``s``: linear warmup, then constant or cosine."""
     def fn(s: int) -> float:
@@ -79,8 +49,9 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 
 @dataclass
-class Engines:
-    """The DeepSpeed-wrapped actor, its optimizer and schedule, and the reference model."""
+class TrainingModels:
+    """The DeepSpeed-wrapped actor, its optimizer and schedule, and the reference model (not the
+    rollout engine, which only samples: icpo/rollout)."""
 
     actor: Any
     optimizer: torch.optim.Optimizer
@@ -89,7 +60,7 @@ class Engines:
     num_params: int
 
 
-def build_engines(cfg, device: torch.device, optimizer_steps: int) -> Engines:
+def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> TrainingModels:
     """Load the policy (and the reference when ``actor.kl_coef > 0``) and wrap them in DeepSpeed."""
     import deepspeed
 
@@ -124,4 +95,4 @@ def build_engines(cfg, device: torch.device, optimizer_steps: int) -> Engines:
             ref = ref.module
         reference = ref
     del keep_alive
-    return Engines(actor, optimizer, scheduler, reference, num_params)
+    return TrainingModels(actor, optimizer, scheduler, reference, num_params)

@@ -13,20 +13,28 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from icpo import ops
-from icpo.algorithms import compute_advantages, default_delta, omega_at
+from icpo.algorithms import (
+    broadcast_to_tokens,
+    compute_advantages,
+    confidence_from_logprobs,
+    default_delta,
+    omega_at,
+)
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler
-from icpo.errors import TrainingStopped, UserError
+from icpo.errors import UserError
+from icpo.models import resolve_model_path
+from icpo.models.loading import load_tokenizer
 from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
-from icpo.rollout import HFRolloutEngine, SamplingParams, check_engine_available, make_rollout_engine
+from icpo.rollout import RolloutBatch, SamplingParams, check_engine_available, make_rollout_engine
+from icpo.runtime import apply_num_threads
 from icpo.trainer import checkpoint as ckpt
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches
@@ -34,29 +42,17 @@ from icpo.trainer.evaluate import evaluate
 from icpo.trainer.guard import Guard
 from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, resume_hint
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
-from icpo.trainer.scoring import response_logprobs, score_all
-from icpo.models import resolve_model_path
 from icpo.trainer.preflight import preflight
 from icpo.trainer.run_folder import find_resumable
-from icpo.trainer.setup import build_engines, load_tokenizer
-from icpo.trainer.update import PolicyUpdate
-from icpo.runtime import apply_num_threads
+from icpo.trainer.scoring import response_logprobs, score_all
+from icpo.trainer.setup import build_training_models
+from icpo.trainer.update import PolicyUpdate, ScoredRollout
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A per-(step, rank) seed: every step's randomness is a function of where it is, so a
     resumed run draws exactly what an uninterrupted one would."""
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
-
-
-@dataclass
-class Rollout:
-    """One step's samples on this rank, groups of G consecutive (prompt, response) pairs."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    records: list[Any]
-    finish_reasons: list[str]
 
 
 class Trainer:
@@ -96,23 +92,24 @@ class Trainer:
         self.lockstep = self.world > 1 and cfg.trainer.zero_stage == 3
         self.mini_prompts = max(1, cfg.actor.ppo_mini_batch_size // self.world)
         minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
-        self.engines = build_engines(cfg, self.device, cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
+        self.models = build_training_models(cfg, self.device,
+                                            cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
         self.delta = (cfg.algorithm.delta if cfg.algorithm.delta is not None
-                      else default_delta(self.engines.num_params))
+                      else default_delta(self.models.num_params))
         self.sampler = PromptSampler(len(self.train_data), cfg.trainer.train_batch_size,
                                      cfg.data.shuffle, cfg.data.seed)
         self.reward_fn = RewardFn(cfg.reward)
-        self.rollout = make_rollout_engine(cfg, self.engines.actor.module, self.tokenizer,
+        self.rollout = make_rollout_engine(cfg, self.models.actor.module, self.tokenizer,
                                            zero_stage=cfg.trainer.zero_stage,
                                            model_path=resolve_model_path(cfg.model.path))
         self.step = 0
         self.guard = Guard(cfg.trainer.max_skipped_steps, cfg.trainer.collapse_entropy_frac,
-                           self.engines.actor.module.config.vocab_size)
-        self.policy_update = PolicyUpdate(cfg, self.engines, self.guard, self.device,
+                           self.models.actor.module.config.vocab_size)
+        self.policy_update = PolicyUpdate(cfg, self.models, self.guard, self.device,
                                           self.tokenizer.pad_token_id, world=self.world,
                                           mini_prompts=self.mini_prompts, lockstep=self.lockstep)
         if pre.checkpoint is not None:
-            state = ckpt.load_checkpoint(pre.checkpoint, self.engines.actor)
+            state = ckpt.load_checkpoint(pre.checkpoint, self.models.actor)
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
             self.guard.load_state_dict(state.get("guard", {}))
@@ -128,10 +125,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- phases of one step
     def _sampling(self, step: int) -> SamplingParams:
-        r = self.cfg.rollout
-        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_response_length,
-                              seed=step_seed(self.sampling_seed, step, self.rank))
+        return SamplingParams.from_config(self.cfg.rollout,
+                                          seed=step_seed(self.sampling_seed, step, self.rank))
 
     @property
     def sampling_seed(self) -> int:
@@ -139,7 +134,7 @@ class Trainer:
         seed = self.cfg.rollout.seed
         return self.cfg.trainer.seed if seed is None else seed
 
-    def _generate(self, step: int) -> Rollout:
+    def _generate(self, step: int) -> RolloutBatch:
         batch = self.sampler.next_batch()
         mine = batch[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
         items = [self.train_data.items[i] for i in mine]
@@ -147,10 +142,9 @@ class Trainer:
         out = self.rollout.generate([it.prompt_ids for it in items], self._sampling(step))
         self.rollout.sleep()
         n = self.cfg.rollout.n
-        records = [items[i // n].record for i in range(len(out.response_ids))]
-        return Rollout(out.prompt_ids, out.response_ids, records, out.finish_reasons)
+        return dataclasses.replace(out, records=[items[i // n].record for i in range(len(out))])
 
-    def _rewards(self, ro: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _rewards(self, ro: RolloutBatch, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         texts = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         rb = self.reward_fn(ro.records, texts)
         rewards, stats = rb.score.float(), {}
@@ -163,32 +157,22 @@ class Trainer:
             stats["reward/noised_frac"] = (count[0] / count[1]).item()
         return rewards, rb.acc.float(), stats
 
-    def _keep_groups(self, ro: Rollout, rewards: torch.Tensor, acc: torch.Tensor):
+    def _keep_groups(self, ro: RolloutBatch, rewards: torch.Tensor, acc: torch.Tensor):
         """``reward.drop_mixed_groups``: keep only groups whose G rewards are all equal."""
         n = self.cfg.rollout.n
         keep = uniform_group_mask(rewards, n)
         idx = [i for g in torch.nonzero(keep).flatten().tolist() for i in range(g * n, (g + 1) * n)]
-        sub = Rollout([ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
-                      [ro.records[i] for i in idx], [ro.finish_reasons[i] for i in idx])
         kept = dist.all_reduce_sum(torch.tensor([keep.sum().item(), keep.numel()]))  # all ranks
-        return sub, rewards[idx], acc[idx], (kept[0] / kept[1]).item()
+        return ro.select(idx), rewards[idx], acc[idx], (kept[0] / kept[1]).item()
 
-    def _update(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int,
-                fused=None) -> dict:
-        """The PPO updates of this step (icpo/trainer/update.py). ``fused``: the (log-prob,
-        entropy) of all samples with grad, when the scoring pass already ran the only
-        mini-batch's forward (see ``_learn``)."""
+    def _update(self, scored: ScoredRollout, step: int) -> dict:
+        """The PPO updates of this step (icpo/trainer/update.py)."""
         seed = step_seed(self.cfg.trainer.seed + 1, step, self.rank)  # mini-batch order
-        return self.policy_update(ro, old_logp, ref_logp, adv_tok, resp_cu, step, seed, fused)
+        return self.policy_update(scored, step, seed)
 
     def _sync_weights(self) -> None:
-        """Push the updated policy into the rollout engine; the HF engine shares the module."""
-        if isinstance(self.rollout, HFRolloutEngine):
-            return
-        from icpo.rollout.vllm_engine import iter_full_parameters
-
-        self.rollout.load_weights(iter_full_parameters(self.engines.actor.module,
-                                                       self.cfg.trainer.zero_stage))
+        """Bring the rollout engine up to the updated policy (a no-op for the HF engine)."""
+        self.rollout.sync_from(self.models.actor.module, self.cfg.trainer.zero_stage)
 
     # ---------------------------------------------------------------- the step
     def train_step(self) -> dict[str, Any]:
@@ -209,7 +193,7 @@ class Trainer:
         # All ranks learn or none: the update's collectives need every rank, also one whose
         # groups drop_mixed_groups dropped.
         if dist.all_reduce_sum(torch.tensor([float(len(ro.response_ids))])).item() > 0:
-            metrics.update(self._learn(ro, rewards, omega, t, step, acc))
+            metrics.update(self._learn(ro, rewards, acc, omega, t, step))
         self._sync_weights()
         t["time/step"] = time.perf_counter() - t0
         n_tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, ro.response_ids)))]))
@@ -219,52 +203,51 @@ class Trainer:
         metrics["data/skipped_prompts"] = float(self.train_data.num_skipped)
         return {**metrics, **t}
 
-    def _learn(self, ro: Rollout, rewards, omega: float, t: dict, step: int, acc=None) -> dict:
+    def _score(self, ro: RolloutBatch, rewards, omega: float, t: dict):
+        """Old and reference log-probs, confidence and advantages of this rank's samples:
+        ``(scored, confidence, entropy, advantages)`` (the last: compute_advantages' result)."""
         cfg, n = self.cfg, self.cfg.rollout.n
-        batches = micro_batches(ro.prompt_ids, ro.response_ids, list(range(len(ro.response_ids))),
+        batches = micro_batches(ro.prompt_ids, ro.response_ids, list(range(len(ro))),
                                 cfg.actor.max_tokens_per_micro_batch)
         batches = [b.to(self.device) for b in batches]
+        actor, temperature = self.models.actor.module, cfg.rollout.temperature
         t0 = time.perf_counter()
-        fused = None
-        can_fuse = (cfg.actor.ppo_epochs == 1 and len(batches) == 1
-                    and len(ro.response_ids) // n <= self.mini_prompts)
-        most = None  # lockstep: the most micro-batches any rank has
-        if self.lockstep:
-            counts = dist.all_gather_floats(torch.tensor([float(len(batches)), float(can_fuse)]))
-            most, can_fuse = int(counts[0::2].max()), bool(counts[1::2].min())
-        if can_fuse:
-            # On-policy, one mini-batch, one micro-batch: the update's forward would recompute
-            # exactly these log-probs, so run it once, with grad, and let the update reuse it.
-            fused = response_logprobs(self.engines.actor.module, batches[0], cfg.rollout.temperature,
-                                      lockstep=self.lockstep)
-            old_logp, entropy = fused[0].detach(), fused[1].detach()
+        reuse, most = self.policy_update.scoring_plan(len(ro), len(batches))
+        forward = None
+        if reuse:  # the update's own forward, run once with grad (PolicyUpdate.scoring_plan)
+            forward = response_logprobs(actor, batches[0], temperature, lockstep=self.lockstep)
+            old_logp, entropy = forward[0].detach(), forward[1].detach()
         else:
-            old_logp, entropy = score_all(self.engines.actor.module, batches, cfg.rollout.temperature,
-                                          lockstep_batches=most)
-        resp_cu = torch.zeros(len(ro.response_ids) + 1, dtype=torch.int64)
+            old_logp, entropy = score_all(actor, batches, temperature, lockstep_batches=most)
+        resp_cu = torch.zeros(len(ro) + 1, dtype=torch.int64)
         resp_cu[1:] = torch.tensor([len(r) for r in ro.response_ids]).cumsum(0)
         t["time/old_logprob"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref_logp = None
-        if self.engines.reference is not None:
-            ref_logp, _ = score_all(self.engines.reference, batches, cfg.rollout.temperature,
+        if self.models.reference is not None:
+            ref_logp, _ = score_all(self.models.reference, batches, temperature,
                                     with_entropy=False, lockstep_batches=most)
+            ref_logp = ref_logp.cpu()
         t["time/ref_logprob"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         old_logp, entropy = old_logp.cpu(), entropy.cpu()
-        ref_logp = None if ref_logp is None else ref_logp.cpu()
-        confidence = ops.segment_mean(old_logp, resp_cu)
-        if cfg.algorithm.confidence == "log_mean_prob":
-            confidence = torch.log(ops.segment_mean(old_logp.exp(), resp_cu)).clamp(max=0.0)
+        confidence = torch.zeros(0)  # a rank whose groups drop_mixed_groups all dropped
+        if len(ro):
+            confidence = confidence_from_logprobs(old_logp, resp_cu, cfg.algorithm.confidence)
         algo = dataclasses.replace(cfg.algorithm, delta=self.delta)
         adv = compute_advantages(confidence, rewards, n, algo, omega,
                                  gather=dist.all_gather_floats)
-        lengths = resp_cu.diff()
-        adv_tok = adv.advantages.repeat_interleave(lengths)
+        scored = ScoredRollout(ro, old_logp, ref_logp, broadcast_to_tokens(adv.advantages, resp_cu),
+                               resp_cu, forward)
         t["time/advantages"] = time.perf_counter() - t0
+        return scored, confidence, entropy, adv
+
+    def _learn(self, ro: RolloutBatch, rewards, acc, omega: float, t: dict, step: int) -> dict:
+        cfg, n = self.cfg, self.cfg.rollout.n
+        scored, confidence, entropy, adv = self._score(ro, rewards, omega, t)
         t0 = time.perf_counter()
         self._updating = True  # from here until the step is counted, Ctrl-C waits for it
-        metrics = self._update(ro, old_logp, ref_logp, adv_tok, resp_cu, step, fused)
+        metrics = self._update(scored, step)
         t["time/update"] = time.perf_counter() - t0
         metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
         metrics.update(tensor_stats("reward/final", dist.all_gather_floats(adv.rewards)))
@@ -273,50 +256,55 @@ class Trainer:
         metrics.update(tensor_stats("confidence", all_conf))
         # How far apart the confidences of one prompt's responses are: what ICPO's pairwise
         # scores see (the batch std above also counts differences between prompts).
-        metrics["confidence/group_std"] = all_conf.view(-1, n).std(dim=1, correction=0).mean().item()
+        group_std = all_conf.view(-1, n).std(dim=1, correction=0)
+        metrics["confidence/group_std"] = group_std.mean().item()
         ent = dist.all_reduce_sum(torch.tensor([entropy.double().sum().item(), entropy.numel()]))
         metrics["entropy"] = (ent[0] / ent[1]).item()
-        if acc is not None:  # does ICPO's premise hold here? (GRPO: the scores ICPO would use)
-            scores = adv.scores if cfg.algorithm.name == "icpo" else ops.preference_scores(
-                confidence, n, delta=self.delta)
-            metrics.update(premise_metrics(
-                all_conf, dist.all_gather_floats(acc) > 0.5, dist.all_gather_floats(rewards),
-                dist.all_gather_floats(scores), n, cfg.algorithm.tau))
+        # Does ICPO's premise hold here? (GRPO: the scores ICPO would use)
+        scores = adv.scores if cfg.algorithm.name == "icpo" else ops.preference_scores(
+            confidence, n, delta=self.delta)
+        metrics.update(premise_metrics(
+            all_conf, dist.all_gather_floats(acc) > 0.5, dist.all_gather_floats(rewards),
+            dist.all_gather_floats(scores), n, cfg.algorithm.tau))
         return metrics
 
-    def _rollout_metrics(self, ro: Rollout, rewards, acc) -> dict[str, float]:
+    def _rollout_metrics(self, ro: RolloutBatch, rewards, acc) -> dict[str, float]:
         n = self.cfg.rollout.n
         all_rewards = dist.all_gather_floats(rewards)
-        lengths = dist.all_gather_floats(torch.tensor([len(r) for r in ro.response_ids], dtype=torch.float64))
-        clipped = dist.all_gather_floats(torch.tensor([f == "length" for f in ro.finish_reasons], dtype=torch.float64))
-        groups = all_rewards.view(-1, n)
-        return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(correction=0).item(),
+        per_sample = ([len(r) for r in ro.response_ids], [f == "length" for f in ro.finish_reasons])
+        lengths, clipped = (dist.all_gather_floats(torch.tensor(xs, dtype=torch.float64))
+                            for xs in per_sample)
+        uniform = all_rewards.view(-1, n).std(dim=1, correction=0) == 0
+        return {"reward/mean": all_rewards.mean().item(),
+                "reward/std": all_rewards.std(correction=0).item(),
                 "accuracy": dist.all_gather_floats(acc).mean().item(),
-                "response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
+                "response_length/mean": lengths.mean().item(),
+                "response_length/max": lengths.max().item(),
                 "response_length/clip_ratio": clipped.mean().item(),
-                "zero_std_group_frac": (groups.std(dim=1, correction=0) == 0).double().mean().item()}
+                "zero_std_group_frac": uniform.double().mean().item()}
 
     # ---------------------------------------------------------------- the run
     def evaluate(self) -> float:
         """mean@val_n accuracy of the current policy on the held-out prompts."""
-        return evaluate(self.rollout, self.tokenizer, self.val_data, self.reward_fn, self.cfg.rollout,
-                        rank=self.rank, world=self.world)
+        return evaluate(self.rollout, self.tokenizer, self.val_data, self.reward_fn,
+                        self.cfg.rollout, rank=self.rank, world=self.world)
 
     def _probe_logits(self) -> torch.Tensor:
         """Logits (at the rollout temperature) of the policy on the start of a training prompt;
         every rank runs it, as ZeRO-3 gathers parameters collectively."""
         ids = torch.tensor([self.train_data.items[0].prompt_ids[:32]], device=self.device)
         with torch.no_grad():
-            return self.engines.actor.module(input_ids=ids).logits / self.cfg.rollout.temperature
+            return self.models.actor.module(input_ids=ids).logits / self.cfg.rollout.temperature
 
     def save(self) -> Path:
         """Checkpoint the current step; refused (TrainingStopped, nothing written, ``latest``
         unchanged) when the policy's weights or outputs are non-finite or uniform."""
-        self.guard.check_checkpointable(self.step, self.engines.actor.module, self._probe_logits())
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
+        self.guard.check_checkpointable(self.step, self.models.actor.module, self._probe_logits())
+        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                 "config": self.cfg.to_dict(),
                  "data_fingerprint": self.data_fingerprint, "guard": self.guard.state_dict(),
                  "world_size": self.world}
-        return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.engines.actor,
+        return ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, self.models.actor,
                                     self.tokenizer, state)
 
     def close(self) -> None:
@@ -340,11 +328,13 @@ class Trainer:
                     self.step += 1
                     self._updating, self._step_start_sampler = False, None
                     last = self.step == cfg.total_steps
-                    if self.val_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    due = cfg.eval_every and (self.step % cfg.eval_every == 0 or last)
+                    if self.val_data is not None and due:
                         metrics["val/accuracy"] = self.evaluate()
                     self.logger.log(self.step, metrics)
                     history.append({"step": self.step, **metrics})
-                    self.guard.check_policy(self.step, metrics.get("entropy"), self.engines.actor.module)
+                    self.guard.check_policy(self.step, metrics.get("entropy"),
+                                            self.models.actor.module)
                     if last or (cfg.save_every and self.step % cfg.save_every == 0):
                         self.save()
                 if guard.requested and self.step < cfg.total_steps:

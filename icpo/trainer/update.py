@@ -1,48 +1,86 @@
 """The policy update of one step: ``ppo_epochs`` passes over mini-batches of prompts, each one
 DeepSpeed optimizer step over token-budget micro-batches.
 
-:class:`PolicyUpdate` holds the wiring (engines, guard, ranks); :meth:`Trainer._update
-<icpo.trainer.trainer.Trainer._update>` calls it once per step with the step's samples, old and
-reference log-probs and per-token advantages. Every rank takes as many optimizer steps and, under
-ZeRO-2/3, as many backward passes as every other, since each of them is a collective.
+The scoring pass hands the update one :class:`ScoredRollout`. :class:`PolicyUpdate` holds the
+wiring (models, guard, ranks), runs the update on it (:meth:`Trainer._update
+<icpo.trainer.trainer.Trainer._update>` calls it once per step), and decides beforehand whether
+the scoring pass may run the update's forward for it (:meth:`PolicyUpdate.scoring_plan`), since
+what makes that forward reusable is how the update batches. Every rank takes as many optimizer
+steps and, under ZeRO-2/3, as many backward passes as every other, since each of them is a
+collective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from icpo.algorithms import grpo_loss
 from icpo.config import Config
+from icpo.rollout import RolloutBatch
 from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches, segment_positions
 from icpo.trainer.guard import Guard, optimizer_step
 from icpo.trainer.scoring import filler_batch, response_logprobs
 
 if TYPE_CHECKING:
-    from icpo.trainer.setup import Engines
-    from icpo.trainer.trainer import Rollout
+    from icpo.trainer.setup import TrainingModels
+
+
+@dataclass
+class ScoredRollout:
+    """One step's samples on this rank and what the update needs of them. Tensors are on the
+    CPU and packed: the response tokens of all samples in sample order, ``resp_cu`` bounding
+    each response's."""
+
+    samples: RolloutBatch
+    """The step's samples (groups of ``rollout.n`` consecutive)."""
+    old_logp: torch.Tensor
+    """fp32 ``[T]``: log-probs under the policy that sampled them (the PPO ratio's old side)."""
+    ref_logp: torch.Tensor | None
+    """fp32 ``[T]`` under the reference model, or None without a KL term."""
+    advantages: torch.Tensor
+    """fp32 ``[T]``: each response's advantage on each of its tokens."""
+    resp_cu: torch.Tensor
+    """int64 ``[B+1]``: response boundaries in the packed tensors."""
+    forward: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """``(log-prob, entropy)`` ``[T]`` with grad, on the training device, when the scoring pass
+    ran the update's only forward (:meth:`PolicyUpdate.scoring_plan`); else None."""
 
 
 class PolicyUpdate:
     """PPO updates of the actor. ``mini_prompts``: prompts per mini-batch on this rank;
     ``lockstep``: ranks run forwards in step (ZeRO-3 across processes)."""
 
-    def __init__(self, cfg: Config, engines: Engines, guard: Guard, device: torch.device,
+    def __init__(self, cfg: Config, models: TrainingModels, guard: Guard, device: torch.device,
                  pad_token_id: int, *, world: int, mini_prompts: int, lockstep: bool):
-        self.cfg, self.engines, self.guard, self.device = cfg, engines, guard, device
+        self.cfg, self.models, self.guard, self.device = cfg, models, guard, device
         self.pad_token_id, self.world = pad_token_id, world
         self.mini_prompts, self.lockstep = mini_prompts, lockstep
 
-    def __call__(self, ro: Rollout, old_logp, ref_logp, adv_tok, resp_cu, step: int, seed: int,
-                 fused=None) -> dict:
+    def scoring_plan(self, num_samples: int, num_micro_batches: int) -> tuple[bool, int | None]:
+        """``(reuse, lockstep_batches)`` for a scoring pass over ``num_micro_batches``.
+
+        ``reuse``: the update would run exactly the scoring forward again (one epoch, so still
+        on-policy; one mini-batch; one micro-batch), so scoring should run it once, with grad,
+        and hand it over as :attr:`ScoredRollout.forward`. In lockstep every rank must decide
+        alike, and ``lockstep_batches`` is the most micro-batches any rank scores (else None).
+        """
+        reuse = (self.cfg.actor.ppo_epochs == 1 and num_micro_batches == 1
+                 and num_samples // self.cfg.rollout.n <= self.mini_prompts)
+        if not self.lockstep:
+            return reuse, None
+        counts = dist.all_gather_floats(torch.tensor([float(num_micro_batches), float(reuse)]))
+        return bool(counts[1::2].min()), int(counts[0::2].max())
+
+    def __call__(self, scored: ScoredRollout, step: int, seed: int) -> dict:
         """``ppo_epochs`` passes over mini-batches of prompts, shuffled by ``seed``; each a
-        DeepSpeed step. ``fused``: the (log-prob, entropy) of all samples with grad, when the
-        scoring pass already ran the only mini-batch's forward (see ``Trainer._learn``)."""
+        DeepSpeed step. The reused forward (``scored.forward``) serves the first mini-batch,
+        which then holds every sample (see :meth:`scoring_plan`)."""
         cfg, n = self.cfg, self.cfg.rollout.n
-        num_groups = len(ro.response_ids) // n
-        offsets = resp_cu.tolist()
+        num_groups = len(scored.samples) // n
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         # Every rank must take as many optimizer steps (each reduces gradients over ranks), but
@@ -56,18 +94,18 @@ class PolicyUpdate:
             for start in range(0, per_epoch * self.mini_prompts, self.mini_prompts):
                 groups = order[start:start + self.mini_prompts]
                 idx = [g * n + j for g in groups for j in range(n)]
-                stats = self._mini_batch_step(ro, idx, offsets, old_logp, ref_logp, adv_tok, step,
-                                              fused if start == 0 else None)
+                stats = self._mini_batch_step(scored, idx, step, reuse=start == 0)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
         # Skipped optimizer steps are counted, everything else averaged over the mini-batches.
         return {k: v if k.startswith("guard/") else v / counts[k] for k, v in sums.items()}
 
-    def _mini_batch_step(self, ro, idx, offsets, old_logp, ref_logp, adv_tok, step: int,
-                         fused=None) -> dict:
-        cfg, actor = self.cfg, self.engines.actor
-        cu = torch.tensor(offsets, dtype=torch.int64)
+    def _mini_batch_step(self, scored: ScoredRollout, idx: list[int], step: int,
+                         reuse: bool) -> dict:
+        cfg, actor, ro = self.cfg, self.models.actor, scored.samples
+        cu, offsets = scored.resp_cu, scored.resp_cu.tolist()
+        forward = scored.forward if reuse else None
         local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
         global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
         sums: dict[str, float] = {}
@@ -79,22 +117,21 @@ class PolicyUpdate:
             # backward passes; token-budget packing gives ranks different micro-batch counts.
             most = int(dist.all_gather_floats(torch.tensor([float(len(batches))])).max())
             padding = most - len(batches)
+        with_entropy = cfg.actor.entropy_coef > 0
         for mb in batches:
             sel = segment_positions(cu, mb.idx)  # this micro-batch's tokens in the step's order
             mb = mb.to(self.device)
-            if fused is not None:  # this batch's forward already ran, with grad, in _learn
-                logp = fused[0][sel.to(self.device)]
-                ent = fused[1][sel.to(self.device)] if cfg.actor.entropy_coef > 0 else None
+            if forward is not None:  # this batch's forward already ran, with grad, in scoring
+                logp = forward[0][sel.to(self.device)]
+                ent = forward[1][sel.to(self.device)] if with_entropy else None
             else:
                 logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
-                                              with_entropy=cfg.actor.entropy_coef > 0,
-                                              lockstep=self.lockstep)
-            loss, m = grpo_loss(
-                logp, old_logp[sel].to(self.device),
-                None if ref_logp is None else ref_logp[sel].to(self.device), ent,
-                adv_tok[sel].to(self.device), mb.resp_cu_seqlens, cfg.actor,
-                cfg.rollout.max_response_length, global_tokens=global_tokens,
-                global_seqs=global_seqs, num_micro_batches=len(batches))
+                                              with_entropy=with_entropy, lockstep=self.lockstep)
+            old, ref, adv = (None if t is None else t[sel].to(self.device)
+                             for t in (scored.old_logp, scored.ref_logp, scored.advantages))
+            loss, m = grpo_loss(logp, old, ref, ent, adv, mb.resp_cu_seqlens, cfg.actor,
+                                cfg.rollout.max_response_length, global_tokens=global_tokens,
+                                global_seqs=global_seqs, num_micro_batches=len(batches))
             bad_loss = bad_loss or not bool(torch.isfinite(loss.detach()))
             actor.backward(loss, scale_wrt_gas=False)
             # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
@@ -115,12 +152,12 @@ class PolicyUpdate:
             gn = actor.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
         sums["actor/grad_norm"] = grad_norm
-        sums["actor/lr"] = self.engines.optimizer.param_groups[0]["lr"]
+        sums["actor/lr"] = self.models.optimizer.param_groups[0]["lr"]
         return sums
 
     def _zero_backward(self) -> None:
         """A backward pass through the whole model that adds nothing to any gradient."""
         mb = filler_batch(self.device, self.pad_token_id)
-        logp, _ = response_logprobs(self.engines.actor.module, mb, self.cfg.rollout.temperature,
+        logp, _ = response_logprobs(self.models.actor.module, mb, self.cfg.rollout.temperature,
                                     with_entropy=False, lockstep=self.lockstep)
-        self.engines.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+        self.models.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
