@@ -31,7 +31,8 @@ G = 4
 
 def verifiable(prompts, completions, ground_truth, data_source, **_):
     """icpo's arithmetic reward in TRL's reward-function signature."""
-    return [compute_score(s, c, gt)["score"] for s, c, gt in zip(data_source, completions, ground_truth)]
+    return [compute_score(s, c, gt)["score"]
+            for s, c, gt in zip(data_source, completions, ground_truth)]
 
 
 def dataset(n, seed=0):
@@ -124,7 +125,8 @@ def test_short_run_learns(tmp_path, one_thread):
 
     steps, prompts, gen = 20, 2, 8
     args = config(ICPOConfig, tmp_path, per_device_train_batch_size=prompts * gen,
-                  num_generations=gen, learning_rate=1e-3, max_steps=steps, max_completion_length=32,
+                  num_generations=gen, learning_rate=1e-3, max_steps=steps,
+                  max_completion_length=32,
                   logging_strategy="steps", logging_steps=1, lr_scheduler_type="constant",
                   warmup_steps=0, beta=0.0, icpo_delta=0.5)
     tok, data = dataset(prompts * steps, seed=1)

@@ -19,7 +19,7 @@ def premise_metrics(confidence: torch.Tensor, correct: torch.Tensor, rewards: to
     """Premise diagnostics of N responses in consecutive groups of ``group_size``.
 
     Args:
-        confidence: float ``[N]``, c_i (mean token log-prob, SPEC step 3).
+        confidence: float ``[N]``, c_i (mean token log-prob, docs/algorithm.md step 3).
         correct: ``[N]`` bool or 0/1: the answer is correct (the reward's "acc").
         rewards: float ``[N]``, R as fed to the advantages (R_verif, plus noise if any).
         scores: float ``[N]``, the preference scores S (Eq. 9) at the run's delta, whatever

@@ -8,7 +8,7 @@ After TRL generates and scores a batch, the trainer
    temperature: TRL's ``old_per_token_logps`` when TRL computed them, else vLLM's
    ``sampling_per_token_logps`` when all finite, else one no-grad forward scored by
    :func:`icpo.ops.token_logprobs`;
-2. confidence = :func:`icpo.ops.segment_mean` of them per completion (SPEC step 3);
+2. confidence = :func:`icpo.ops.segment_mean` of them per completion (docs/algorithm.md step 3);
 3. gathers confidences and rewards from all processes (TRL normalizes over the whole batch),
    computes :func:`icpo.ops.icpo_advantages` with TRL's conventions (Bessel std, eps 1e-4,
    ``scale_rewards`` group / batch / none) and keeps this process's slice, as TRL does.
@@ -49,10 +49,12 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 @dataclass
 class ICPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus ICPO's fields (paper Table 6 defaults; SPEC "omega schedule")."""
+    """``GRPOConfig`` plus ICPO's fields (paper Table 6 defaults; docs/algorithm.md, "omega over
+    training")."""
 
     icpo_delta: float | None = field(default=None, metadata={
-        "help": "ICPO Eq. 9 scale; None = from the parameter count (0.5 < 4B, 0.4 4-8B, 0.3 > 8B)."})
+        "help": "ICPO Eq. 9 scale; None = from the parameter count "
+                "(0.5 < 4B, 0.4 4-8B, 0.3 > 8B)."})
     icpo_tau: float = field(default=2.0, metadata={
         "help": "ICPO Eq. 11 clip: the bonus is at most |R| / tau."})
     omega_schedule: str = field(default="warmup_decay", metadata={
@@ -70,12 +72,14 @@ class ICPOConfig(GRPOConfig):
         if not self.icpo_tau > 0:
             raise ValueError(f"icpo_tau must be > 0, got {self.icpo_tau!r}")
         if self.omega_schedule not in SCHEDULES:
-            raise ValueError(f"omega_schedule must be one of {SCHEDULES}, got {self.omega_schedule!r}")
+            raise ValueError(f"omega_schedule must be one of {SCHEDULES}, "
+                             f"got {self.omega_schedule!r}")
         if not 0 <= self.omega_min <= self.omega_max:
             raise ValueError(f"need 0 <= omega_min <= omega_max, got {self.omega_min!r}, "
                              f"{self.omega_max!r}")
         if not 0 <= self.omega_peak_fraction <= 1:
-            raise ValueError(f"omega_peak_fraction must be in [0, 1], got {self.omega_peak_fraction!r}")
+            raise ValueError("omega_peak_fraction must be in [0, 1], "
+                             f"got {self.omega_peak_fraction!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("ICPOTrainer needs multi_objective_aggregation='sum_then_normalize' "
                              "(ICPO adds its bonus to the summed reward)")
@@ -87,7 +91,8 @@ class ICPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ICPOConfig):
-            raise TypeError(f"ICPOTrainer needs args=ICPOConfig(...), got {type(self.args).__name__}")
+            raise TypeError("ICPOTrainer needs args=ICPOConfig(...), "
+                            f"got {type(self.args).__name__}")
         params = sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters())
         self.icpo_delta = (self.args.icpo_delta if self.args.icpo_delta is not None
                            else default_delta(params))

@@ -10,7 +10,8 @@ two-line patch in docs/compat.md makes ``compute_advantage`` pass ``old_log_prob
 verl's GRPO conventions (unbiased std, eps 1e-6, a group of one keeps R / (1 + eps),
 ``norm_adv_by_std_in_grpo``), groups responses by uid wherever they sit in the batch (verl's
 ``balance_batch`` reorders them), and with omega = 0 equals verl's
-``compute_grpo_outcome_advantage``. Tested against verl 0.9.1's own functions and ``DataProto``.
+``compute_grpo_outcome_advantage``. Tested against verl 0.9.1's own functions and ``DataProto``
+(tests/test_verl_integration.py; CI installs verl without its dependencies to run it).
 """
 
 from __future__ import annotations

@@ -150,10 +150,11 @@ def _make_output_dir(out: Path) -> None:
 
 
 def _read_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "trainer_state.json"
     try:
-        return json.loads((checkpoint / "trainer_state.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: cannot read {checkpoint / 'trainer_state.json'} ({e})") from None
+        raise UserError(f"--resume: cannot read {path} ({e})") from None
 
 
 def _choose_checkpoint(out: Path, resume: str | None, overwrite: bool,
@@ -204,7 +205,8 @@ def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -
     train = _load(cfg.data.train_files, cfg.data, "data.train_files")
     val = None
     if cfg.data.val_files:
-        val = _load(cfg.data.val_files, cfg.data, "data.val_files")[: cfg.data.val_max_samples or None]
+        val = _load(cfg.data.val_files, cfg.data, "data.val_files")
+        val = val[: cfg.data.val_max_samples or None]
     result = Preflight(train, val, run_folder.data_fingerprint(train))
     if rank0:  # before reading `latest`: a restored folder may be the one it names
         result.notes += run_folder.clean_stale(out / "checkpoints")
