@@ -150,6 +150,19 @@ def test_sample_next_distribution_at_temperature():
     assert p > 1e-4, f"chi-square p = {p:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.6, top_k=9),
+                                    SamplingParams(temperature=1.3, top_p=0.8)])
+def test_sample_next_leaves_the_logits_alone(dtype, params):
+    logits = torch.randn(4, 3000).to(dtype)
+    before = logits.clone()
+    drawn = sample_next(logits, params, torch.Generator().manual_seed(0))
+    assert torch.equal(logits, before) and drawn.shape == (4,)
+    if params.top_k > 0:
+        kth = torch.topk(logits.float(), params.top_k, dim=-1).values[:, -1]
+        assert (logits.float().gather(1, drawn[:, None]).squeeze(1) >= kth).all()
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(5, 300)
     assert torch.equal(sample_next(logits, SamplingParams(temperature=0.0)), logits.argmax(-1))

@@ -32,22 +32,27 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and then to the
     smallest set holding ``top_p`` of the mass (transformers' TopK / TopP warpers' rules).
     Random numbers come from ``generator`` (torch's default generator when None)."""
-    logits = logits.float()
     if params.greedy:
-        return logits.argmax(dim=-1)
-    if params.temperature != 1.0:  # x / 1.0 == x: skip a full pass and a [b, V] buffer
-        logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits.float().argmax(dim=-1)
+    # softmax(x / T) = exp((x - max x) / T) / mass, and the draw divides by the row mass itself:
+    # one [b, V] buffer, written in place, carries everything (each fresh multi-MB buffer costs
+    # its page faults). NaN or +inf logits, or a row of -inf, make the whole row NaN here, which
+    # sample_categorical refuses.
+    scaled = logits.float()
+    peak = scaled.amax(dim=-1, keepdim=True)
+    scaled = scaled - peak if scaled is logits else scaled.sub_(peak)  # the caller's stays as is
+    if params.temperature != 1.0:
+        scaled.div_(params.temperature)
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        scaled.masked_fill_(scaled < kth, float("-inf"))
     if params.top_p < 1.0:
-        ascending, order = torch.sort(logits, dim=-1)
+        ascending, order = torch.sort(scaled, dim=-1)
         mass = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = mass <= 1.0 - params.top_p
         drop[:, -1] = False  # the most likely token always stays
-        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
-    # NaN or +inf logits, or a row of -inf, make the softmax NaN: sample_categorical refuses it.
-    return sample_categorical(logits.softmax(dim=-1), generator)
+        scaled.scatter_(-1, order, ascending.masked_fill(drop, float("-inf")))
+    return sample_categorical(scaled.exp_(), generator)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None, *,
