@@ -66,6 +66,19 @@ def test_edges_of_the_unit_interval():
     assert inverse_cdf(probs, u, block=4).tolist() == [1030, 2990]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_are_exact_and_reproducible():
+    probs = awkward_probs(vocab=5000).cuda()
+    m = 20_000
+    u = ((torch.arange(m, dtype=torch.float64) + 0.5) / m).cuda()
+    drawn = inverse_cdf(probs[1].expand(m, -1), u, block=64)
+    counts = torch.bincount(drawn, minlength=probs.shape[1]).double()
+    want = probs[1].double() / probs[1].double().sum() * m
+    assert (counts - want).abs().max() <= 1.0 and not counts[probs[1] == 0].any()
+    draw = lambda: sample_categorical(probs, torch.Generator("cuda").manual_seed(1))  # noqa: E731
+    assert torch.equal(draw(), draw()) and draw().device.type == "cuda"
+
+
 def test_seeded_draws_are_reproducible():
     probs = torch.rand(64, 5000, generator=torch.Generator().manual_seed(0))
     draw = lambda seed: sample_categorical(probs, torch.Generator().manual_seed(seed))  # noqa: E731
