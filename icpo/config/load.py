@@ -177,6 +177,8 @@ _UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _OPEN_UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_prompt_length": _GE1, "data.val_max_samples": _GE1,
+    "model.lora_rank": _NONNEG, "model.lora_alpha": _POS,
+    "model.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     # 1e-3 = icpo.ops.token_logprobs.MIN_TEMPERATURE (not imported: config stays torch-free).
     "rollout.n": _GE1, "rollout.temperature": (lambda v: v >= 1e-3, ">= 1e-3"),
     "rollout.top_p": _OPEN_UNIT,
@@ -258,6 +260,11 @@ def validate(cfg: Config) -> Config:
     if a.lr_warmup_steps > t.total_steps:
         errors.append(f"actor.lr_warmup_steps: got {a.lr_warmup_steps!r}; expected <= "
                       f"trainer.total_steps ({t.total_steps!r})")
+    targets = cfg.model.target_modules
+    if not (targets.strip() if isinstance(targets, str)
+            else targets and all(isinstance(t, str) and t.strip() for t in targets)):
+        errors.append(f"model.target_modules: got {targets!r}; expected \"all-linear\", a "
+                      "module-name regex or a non-empty list of module names")
     for dotted in ("model.path", "reward.function", "data.prompt_key", "data.answer_key",
                    "trainer.output_dir"):
         if not _get(cfg, dotted).strip():

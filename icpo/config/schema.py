@@ -49,7 +49,18 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Passed to ``from_pretrained`` (e.g. "sdpa", "flash_attention_2"); None = library default."""
     ref_path: str | None = None
-    """Frozen reference model for the KL term; None = same as ``path``."""
+    """Frozen reference model for the KL term; None = same as ``path`` (with LoRA: the policy
+    with its adapters off, no second copy loaded)."""
+    lora_rank: int = 0
+    """Rank of the LoRA adapters trained through PEFT instead of every weight (verl's
+    model.lora_rank; TRL's peft_config); 0 = full fine-tuning (docs/lora.md)."""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update B·A is multiplied by lora_alpha / lora_rank (verl's default)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training, in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: "all-linear" (every linear layer but the LM head), a regex
+    matched against module names, or a list of module names (e.g. [q_proj, v_proj])."""
 
 
 @dataclass
