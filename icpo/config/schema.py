@@ -32,6 +32,7 @@ AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 KLEstimator = Literal["k3", "k1", "k2"]
 ISLevel = Literal["token", "sequence"]
 Engine = Literal["auto", "hf", "vllm"]
+FusedLinear = Literal["auto", "on", "off"]
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,12 @@ class ActorConfig:
     """Token budget of one forward/backward over packed sequences."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 = off."""
+    fused_linear: FusedLinear = "auto"
+    """Log-probs and entropy straight from the last hidden states and the LM head's weight
+    (icpo.ops.linear_token_logprobs: the [tokens, vocab] logits never exist, in scoring or the
+    update). "auto" = where the head is a plain linear layer (tied or not, bias or not), else
+    the full logits with a one-line note (e.g. logit soft-capping); "on" = an error for another
+    head; "off" = always the full logits."""
 
 
 @dataclass

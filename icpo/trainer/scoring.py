@@ -1,8 +1,11 @@
 """Per-token log-probs and entropy of response tokens for packed micro-batches.
 
 The decoder body runs on the micro-batch, but the LM head only on the positions that score a
-response token, so no ``[T, V]`` logits are ever built for prompt tokens; the fused
-``icpo.ops.token_logprobs`` kernel then reads those logits once.
+response token. When the head is a plain linear layer (:func:`use_fused_linear`,
+``actor.fused_linear``), ``icpo.ops.linear_token_logprobs`` computes log-probs and entropy from
+those hidden states and the head's weight chunk by chunk: no ``[T, V]`` logits exist in the
+forward, in the backward, or in a graph kept from scoring until the update (it holds hidden
+states). Otherwise the head's logits are built and ``icpo.ops.token_logprobs`` reads them once.
 
 With flash-attention the micro-batch runs as one packed row (varlen kernels, no padding). Other
 attention implementations (SDPA, eager: CPU) would need a dense ``T x T`` block-diagonal mask for
@@ -19,11 +22,16 @@ the tiny preset this removes about a third of the scoring compute; with long pro
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from icpo import ops
+from icpo.config.schema import FusedLinear
+from icpo.errors import UserError
 from icpo.models.loading import kv_cache_shareable
+from icpo.ops.token_logprobs import MIN_TEMPERATURE
+from icpo.trainer import distributed as dist
 from icpo.trainer.batching import PackedBatch, pack_samples, segment_positions
 
 
@@ -31,15 +39,109 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     """The decoder stack and LM head of a transformers causal LM (Qwen2, Llama, Mistral, ...)."""
     head = model.get_output_embeddings()
     body = getattr(model, model.base_model_prefix, None)
-    if head is None or body is None or getattr(model.config, "final_logit_softcapping", None):
+    if head is None or body is None:
         raise TypeError(f"{type(model).__name__}: icpo needs a causal LM with a separate decoder "
-                        "body and LM head and no logit soft-capping")
+                        "body and LM head")
     return body, head
+
+
+def _logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)``: what the model's own forward does to ``head(hidden)`` before the
+    softmax: ``x * scale``, then ``softcap * tanh(x / softcap)`` when softcap is not None.
+
+    Read from the config attributes the transformers families use (the same list TRL's fused
+    head reads): Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``, Falcon-H1's
+    ``lm_head_multiplier``, Granite's ``logits_scaling`` (a divisor)."""
+    cfg = model.config.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    scale = getattr(cfg, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(cfg, name, None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        div = cfg.logits_scaling
+        scale = div if cfg.model_type == "hyperclovax" else 1.0 / div
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _fused_blocker(model: torch.nn.Module, head: torch.nn.Module, temperature: float) -> str | None:
+    """Why ``linear_token_logprobs`` cannot give this model's log-probs; None when it can."""
+    if type(head).forward is not torch.nn.Linear.forward or "forward" in vars(head):
+        return f"an output head of type {type(head).__name__}, not a plain linear layer"
+    scale, softcap = _logit_transform(model)
+    if softcap is not None:
+        return f"logit soft-capping (final_logit_softcapping={softcap})"
+    if not (math.isfinite(scale) and scale > 0 and temperature / scale >= MIN_TEMPERATURE):
+        return f"a logit scale of {scale}"
+    return None
+
+
+_NOTED: set[str] = set()
+
+
+def use_fused_linear(model: torch.nn.Module, mode: FusedLinear = "auto",
+                     temperature: float = 1.0) -> bool:
+    """Whether scoring ``model`` goes through ``icpo.ops.linear_token_logprobs`` under
+    ``actor.fused_linear = mode``: "off" never; "auto" when the output head is a plain
+    ``nn.Linear`` (tied or not, bias or not) and the logits are that layer's output up to a
+    positive scale, else the full logits with a one-line note (once per reason, rank 0);
+    "on" as auto, but a head it cannot fuse is a UserError."""
+    if mode == "off":
+        return False
+    if mode not in ("auto", "on"):
+        raise ValueError(f"fused_linear must be 'auto', 'on' or 'off', got {mode!r}")
+    why = _fused_blocker(model, _body_and_head(model)[1], temperature)
+    if why is None:
+        return True
+    name = type(model).__name__
+    if mode == "on":
+        raise UserError(f"actor.fused_linear=on: {name} has {why}, which the fused linear "
+                        "log-prob op cannot compute; set actor.fused_linear to auto or off")
+    if why not in _NOTED and dist.rank() == 0:
+        print(f"icpo: note: {name} has {why}: its log-probs are taken from the full [T, V] "
+              "logits (actor.fused_linear=auto)", file=sys.stderr, flush=True)
+    _NOTED.add(why)
+    return False
+
+
+def _head_logprobs(model: torch.nn.Module, head: torch.nn.Module, scored: torch.Tensor,
+                   labels: torch.Tensor, temperature: float, with_entropy: bool,
+                   fused: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) of ``labels`` under the head's distribution at ``scored``."""
+    scale, softcap = _logit_transform(model)
+    if not fused:
+        logits = head(scored)
+        if scale != 1.0:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return ops.token_logprobs(logits, labels, temperature=temperature,
+                                 return_entropy=with_entropy)
+
+    # The op runs as the head module's forward, not beside it: whatever hooks the head carries
+    # then fire as for head(scored). Under ZeRO-3 those are DeepSpeed's: its pre-forward hook
+    # gathers the partitioned weight (every rank calls the head once per forward, so the
+    # all-gathers stay in step), the hook it puts on the outputs gathers it again before the
+    # op's backward, which reads the weight to recompute the logits, and the weight's gradient
+    # lands in autograd's accumulation as a linear layer's would, so its reduce-scatter hook
+    # takes it. Gathering the weight by hand (GatheredParameters) would hand the backward a
+    # released weight and skip that hand-off.
+    def forward(hidden: torch.Tensor, target: torch.Tensor):
+        return ops.linear_token_logprobs(hidden, head.weight, target, bias=head.bias,
+                                         temperature=temperature / scale,
+                                         return_entropy=with_entropy)
+
+    head.forward = forward
+    try:
+        return head(scored, labels)
+    finally:
+        del head.forward
 
 
 def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float,
                       with_entropy: bool = True, share_prefix: bool = True,
-                      lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      lockstep: bool = False, fused_linear: FusedLinear = "auto",
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and entropy) of every response token in ``batch``: fp32 ``[T_resp]`` each.
 
     ``temperature`` is the sampling temperature: the confidence and the ratio in the loss are
@@ -47,9 +149,11 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
     ``share_prefix``: run each distinct prompt once when that saves compute (padded path only).
     ``lockstep``: exactly one forward of the decoder body, whatever the batch holds (no length
     buckets, no shared prefix): under ZeRO-3 every forward gathers parameters collectively, so
-    all ranks must run as many.
+    all ranks must run as many. ``fused_linear``: ``actor.fused_linear``
+    (:func:`use_fused_linear`); either way the head module runs once per call.
     """
     body, head = _body_and_head(model)
+    fused = use_fused_linear(model, fused_linear, temperature)
     scored = None
     if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         hidden = body(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
@@ -62,9 +166,7 @@ def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: f
             hidden = _padded_hidden(body, batch, call_tokens=call_tokens)
     if scored is None:
         scored = hidden.index_select(0, batch.score_positions)
-    logits = head(scored)
-    return ops.token_logprobs(logits, batch.labels, temperature=temperature,
-                              return_entropy=with_entropy)
+    return _head_logprobs(model, head, scored, batch.labels, temperature, with_entropy, fused)
 
 
 #: What one more forward call costs, in padded tokens' worth of compute (CPU, small models):
@@ -216,22 +318,25 @@ def _shared_prefix_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Te
 @torch.no_grad()
 def score_all(model: torch.nn.Module, batches: list[PackedBatch], temperature: float,
               with_entropy: bool = True, lockstep_batches: int | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              fused_linear: FusedLinear = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenated response log-probs (and entropies) of ``batches`` in order, no gradient
     (empty tensors for no batches: a rank whose groups drop_mixed_groups dropped).
 
     ``lockstep_batches``: run one forward per batch and pad with forwards on ``filler`` batches
-    to this many (the most any rank has), so every rank runs as many (ZeRO-3)."""
+    to this many (the most any rank has), so every rank runs as many (ZeRO-3). ``fused_linear``:
+    as :func:`response_logprobs`."""
     lockstep = lockstep_batches is not None
     logps, ents = [], []
     for batch in batches:
-        logp, ent = response_logprobs(model, batch, temperature, with_entropy, lockstep=lockstep)
+        logp, ent = response_logprobs(model, batch, temperature, with_entropy, lockstep=lockstep,
+                                      fused_linear=fused_linear)
         logps.append(logp)
         ents.append(ent)
     if len(batches) < (lockstep_batches or 0):
         filler = filler_batch(next(model.parameters()).device)
         for _ in range(len(batches), lockstep_batches):
-            response_logprobs(model, filler, temperature, False, lockstep=True)
+            response_logprobs(model, filler, temperature, False, lockstep=True,
+                              fused_linear=fused_linear)
     if not batches:
         return torch.zeros(0), (torch.zeros(0) if with_entropy else None)
     logp = torch.cat(logps)

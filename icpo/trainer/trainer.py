@@ -44,7 +44,7 @@ from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, resume_h
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.preflight import preflight
 from icpo.trainer.run_folder import find_resumable
-from icpo.trainer.scoring import response_logprobs, score_all
+from icpo.trainer.scoring import response_logprobs, score_all, use_fused_linear
 from icpo.trainer.setup import build_training_models
 from icpo.trainer.update import PolicyUpdate, ScoredRollout
 
@@ -94,6 +94,8 @@ class Trainer:
         minis = cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size
         self.models = build_training_models(cfg, self.device,
                                             cfg.trainer.total_steps * minis * cfg.actor.ppo_epochs)
+        # actor.fused_linear=on with a head the op cannot fuse ends the run here, not at step 1
+        use_fused_linear(self.models.actor.module, cfg.actor.fused_linear, cfg.rollout.temperature)
         self.delta = (cfg.algorithm.delta if cfg.algorithm.delta is not None
                       else default_delta(self.models.num_params))
         self.sampler = PromptSampler(len(self.train_data), cfg.trainer.train_batch_size,
@@ -211,14 +213,17 @@ class Trainer:
                                 cfg.actor.max_tokens_per_micro_batch)
         batches = [b.to(self.device) for b in batches]
         actor, temperature = self.models.actor.module, cfg.rollout.temperature
+        fused = cfg.actor.fused_linear  # icpo.trainer.scoring.use_fused_linear
         t0 = time.perf_counter()
         reuse, most = self.policy_update.scoring_plan(len(ro), len(batches))
         forward = None
         if reuse:  # the update's own forward, run once with grad (PolicyUpdate.scoring_plan)
-            forward = response_logprobs(actor, batches[0], temperature, lockstep=self.lockstep)
+            forward = response_logprobs(actor, batches[0], temperature, lockstep=self.lockstep,
+                                        fused_linear=fused)
             old_logp, entropy = forward[0].detach(), forward[1].detach()
         else:
-            old_logp, entropy = score_all(actor, batches, temperature, lockstep_batches=most)
+            old_logp, entropy = score_all(actor, batches, temperature, lockstep_batches=most,
+                                          fused_linear=fused)
         resp_cu = torch.zeros(len(ro) + 1, dtype=torch.int64)
         resp_cu[1:] = torch.tensor([len(r) for r in ro.response_ids]).cumsum(0)
         t["time/old_logprob"] = time.perf_counter() - t0
@@ -226,7 +231,8 @@ class Trainer:
         ref_logp = None
         if self.models.reference is not None:
             ref_logp, _ = score_all(self.models.reference, batches, temperature,
-                                    with_entropy=False, lockstep_batches=most)
+                                    with_entropy=False, lockstep_batches=most,
+                                    fused_linear=fused)
             ref_logp = ref_logp.cpu()
         t["time/ref_logprob"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -126,7 +126,8 @@ class PolicyUpdate:
                 ent = forward[1][sel.to(self.device)] if with_entropy else None
             else:
                 logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
-                                              with_entropy=with_entropy, lockstep=self.lockstep)
+                                              with_entropy=with_entropy, lockstep=self.lockstep,
+                                              fused_linear=cfg.actor.fused_linear)
             old, ref, adv = (None if t is None else t[sel].to(self.device)
                              for t in (scored.old_logp, scored.ref_logp, scored.advantages))
             loss, m = grpo_loss(logp, old, ref, ent, adv, mb.resp_cu_seqlens, cfg.actor,
@@ -159,5 +160,6 @@ class PolicyUpdate:
         """A backward pass through the whole model that adds nothing to any gradient."""
         mb = filler_batch(self.device, self.pad_token_id)
         logp, _ = response_logprobs(self.models.actor.module, mb, self.cfg.rollout.temperature,
-                                    with_entropy=False, lockstep=self.lockstep)
+                                    with_entropy=False, lockstep=self.lockstep,
+                                    fused_linear=self.cfg.actor.fused_linear)
         self.models.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
