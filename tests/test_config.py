@@ -70,6 +70,13 @@ def test_allowed_names_of_the_lower_layers_are_the_config_literals():
     for name, names in pairs.items():
         assert typing.get_args(hints[name]) == names, name
     assert typing.get_args(omega) == algorithms.SCHEDULES
+    from icpo.config.schema import FilterGroupsConfig, RolloutCorrectionConfig
+
+    fg = typing.get_type_hints(FilterGroupsConfig)["metric"]
+    assert typing.get_args(fg) == algorithms.FILTER_METRICS
+    rc = typing.get_type_hints(RolloutCorrectionConfig)
+    assert typing.get_args(rc["rollout_is_mode"]) == algorithms.ROLLOUT_IS_MODES
+    assert typing.get_args(typing.get_args(rc["rollout_is"])[0]) == algorithms.ROLLOUT_IS_LEVELS
     assert typing.get_args(engine) == rollout.ENGINES == ("auto", "hf", "vllm")
     assert set(algorithms.LENGTH_NORM_MODES) < set(algorithms.AGG_MODES)
 

@@ -37,10 +37,13 @@ every rank: every decision here is a pure function of that tensor, so all ranks 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
-FILTER_METRICS = ("acc", "score", "seq_reward")
+from icpo.config.schema import FilterMetric
+
+FILTER_METRICS = get_args(FilterMetric)
 
 
 class FilterGroupsLimitError(RuntimeError):

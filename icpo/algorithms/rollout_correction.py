@@ -35,14 +35,15 @@ Packed layout as in :mod:`icpo.algorithms.losses`: per-token ``[T]`` tensors and
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 
 from icpo.algorithms.losses import check_packed
+from icpo.config.schema import ISLevel, RolloutISMode
 
-ROLLOUT_IS_LEVELS = ("token", "sequence")
-ROLLOUT_IS_MODES = ("truncate", "mask")
+ROLLOUT_IS_LEVELS = get_args(ISLevel)
+ROLLOUT_IS_MODES = get_args(RolloutISMode)
 #: verl's SAFETY_BOUND: exp(+-20) stays finite in float32.
 SAFETY_BOUND = 20.0
 #: TRL's ``vllm_importance_sampling_mode`` names -> (level, mode) here.

@@ -190,6 +190,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "algorithm.delta": _POS, "algorithm.tau": _POS, "algorithm.eps": _POS,
     "algorithm.omega.omega_max": _NONNEG, "algorithm.omega.omega_min": _NONNEG,
     "algorithm.omega.peak_fraction": _UNIT,
+    "reward.overlong_buffer.len": _NONNEG, "reward.overlong_buffer.penalty_factor": _NONNEG,
+    "algorithm.filter_groups.max_num_gen_batches": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "algorithm.rollout_correction.rollout_is_threshold": _POS,
     "actor.lr": _POS, "actor.weight_decay": _NONNEG, "actor.lr_warmup_steps": _NONNEG,
     "actor.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "actor.clip_high": _NONNEG,
     "actor.kl_coef": _NONNEG,
@@ -260,6 +263,7 @@ def validate(cfg: Config) -> Config:
     if a.lr_warmup_steps > t.total_steps:
         errors.append(f"actor.lr_warmup_steps: got {a.lr_warmup_steps!r}; expected <= "
                       f"trainer.total_steps ({t.total_steps!r})")
+    errors += _peer_feature_errors(cfg)
     targets = cfg.model.target_modules
     if not (targets.strip() if isinstance(targets, str)
             else targets and all(isinstance(t, str) and t.strip() for t in targets)):
@@ -272,6 +276,26 @@ def validate(cfg: Config) -> Config:
     if errors:
         raise _invalid(errors)
     return cfg
+
+
+def _peer_feature_errors(cfg: Config) -> list[str]:
+    """Cross-field rules of dynamic sampling, overlong shaping and rollout correction."""
+    errors = []
+    ob, m = cfg.reward.overlong_buffer, cfg.rollout.max_response_length
+    if ob.enable and not 1 <= ob.len <= m:
+        errors.append(f"reward.overlong_buffer.len: got {ob.len!r}; expected an int in [1, "
+                      f"rollout.max_response_length={m}] when reward.overlong_buffer.enable")
+    if cfg.algorithm.filter_groups.enable and cfg.reward.drop_mixed_groups:
+        errors.append("algorithm.filter_groups.enable: cannot be combined with "
+                      "reward.drop_mixed_groups (one drops the groups whose rewards all agree, "
+                      "the other keeps only those); set one of them to false")
+    rc = cfg.algorithm.rollout_correction
+    low = rc.rollout_is_threshold_lower
+    if low is not None and not 0 <= low < rc.rollout_is_threshold:
+        errors.append(f"algorithm.rollout_correction.rollout_is_threshold_lower: got {low!r}; "
+                      "expected null or a value in [0, rollout_is_threshold="
+                      f"{rc.rollout_is_threshold!r})")
+    return errors
 
 
 # --------------------------------------------------------------------------- public API
@@ -295,7 +319,7 @@ def config_from_dict(d: dict[str, Any] | None, overrides: typing.Iterable[str] =
     if cfg.algorithm.compat is not None:
         from icpo.compat import preset
 
-        cfg = build(preset(cfg.algorithm.compat))
+        cfg = build(preset(cfg.algorithm.compat, engine=cfg.rollout.engine))
     return validate(cfg)
 
 

@@ -31,6 +31,8 @@ AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm", "grpo", "bnpo", "dr_grpo", "dapo"]
 KLEstimator = Literal["k3", "k1", "k2"]
 ISLevel = Literal["token", "sequence"]
+FilterMetric = Literal["acc", "score", "seq_reward"]
+RolloutISMode = Literal["truncate", "mask"]
 Engine = Literal["auto", "hf", "vllm"]
 FusedLinear = Literal["auto", "on", "off"]
 
@@ -121,6 +123,19 @@ class RolloutConfig:
 
 
 @dataclass
+class OverlongBufferConfig:
+    enable: bool = False
+    """DAPO's soft overlong penalty (verl's reward_model.overlong_buffer): responses longer
+    than rollout.max_response_length - len tokens (EOS included) get a penalty added to their
+    reward, after the noise: min(-(L - (M - len)) / len * penalty_factor, 0)."""
+    len: int = 0
+    """Width of the buffer: the last len tokens before rollout.max_response_length; must be
+    in [1, rollout.max_response_length] when enabled."""
+    penalty_factor: float = 1.0
+    """The penalty at the cap (falling linearly from 0 at M - len); >= 0."""
+
+
+@dataclass
 class RewardConfig:
     function: str = "icpo.rewards.verifiable:compute_score"
     """Reward function with verl's signature, as "pkg.mod:fn", "pkg.mod.fn" or "file.py:fn"."""
@@ -137,6 +152,8 @@ class RewardConfig:
     drop_mixed_groups: bool = False
     """At every step, train only on the groups whose G rewards are all equal (a harsher setting
     than the paper's coarse-grained one, which filters the data once: ``icpo filter-coarse``)."""
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    """Soft length penalty near the response cap (DAPO; docs/compat.md)."""
 
 
 @dataclass
@@ -149,6 +166,36 @@ class OmegaConfig:
     """Omega at the start (warm-up schedules) and at the last step (decay schedules)."""
     peak_fraction: float = 0.4
     """Fraction of training at which the warm-up schedules peak."""
+
+
+@dataclass
+class FilterGroupsConfig:
+    enable: bool = False
+    """Dynamic sampling (DAPO; verl's algorithm.filter_groups): drop the groups whose metric
+    is the same for all rollout.n responses and generate further prompts until
+    trainer.train_batch_size groups remain (the surplus of the last batch is dropped)."""
+    metric: FilterMetric = "acc"
+    """"acc": the answer is right (0/1); "score": the reward function's score; "seq_reward":
+    the reward the advantages start from (score + noise + overlong penalty)."""
+    max_num_gen_batches: int = 0
+    """Most generation batches per step; 0 = no limit. Reaching it without a full batch stops
+    the run with an error."""
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    rollout_is: ISLevel | None = None
+    """Rollout correction (TIS; verl's algorithm.rollout_correction): weights
+    pi_old / pi_rollout between the trainer's log-probs and the engine's sampling log-probs
+    multiply the policy-gradient term, per "token" or per "sequence" (the product over the
+    response); null = off (the mismatch metrics are logged anyway)."""
+    rollout_is_threshold: float = 2.0
+    """Upper bound of the weights (verl 2.0; TRL's vllm_importance_sampling_clip_max 3.0)."""
+    rollout_is_mode: RolloutISMode = "truncate"
+    """"truncate": weights clamped to the bounds (verl); "mask": weights outside the bounds
+    set to 0 (TRL's *_mask modes)."""
+    rollout_is_threshold_lower: float | None = None
+    """Lower bound of the weights (TRL's vllm_importance_sampling_clip_min); null = none."""
 
 
 @dataclass
@@ -178,6 +225,10 @@ class AlgorithmConfig:
     aggregation; docs/compat.md); explicit settings still win. None = icpo's defaults."""
     confidence: Confidence = "mean_logprob"
     """Confidence c_i: mean token log-prob or log of mean token prob (docs/algorithm.md step 3)."""
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    """Dynamic sampling (DAPO; docs/compat.md)."""
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Importance weights between the rollout engine and the trainer (TIS; docs/compat.md)."""
 
 
 @dataclass
@@ -213,6 +264,9 @@ class ActorConfig:
     importance_sampling_level: ISLevel = "token"
     """Ratio per token (PPO/GRPO) or per response from its mean log-ratio (GSPO; TRL's
     importance_sampling_level)."""
+    mask_truncated: bool = False
+    """No loss on responses the length cap cut off (TRL's mask_truncated_completions); they
+    still count in their group's advantages and in the response count of the seq-mean modes."""
     ppo_mini_batch_size: int = 192
     """Prompts per optimizer step (train_batch_size / this = updates per rollout batch)."""
     ppo_epochs: int = 1
