@@ -115,8 +115,10 @@ def launcher_cmd(launcher: str, node_rank: int, port: int, hostfile: Path) -> li
             "--no_ssh", "--node_rank", str(node_rank), *master]
 
 
-def start_hosts(hosts, launcher: str, port: int, args: list[str], env_extra: dict[str, str],
-                logs: Path, tag: str) -> list[tuple[subprocess.Popen, Path]]:
+def start_hosts(hosts, launcher: str, port: int, args: list[list[str]],
+                env_extra: dict[str, str], logs: Path, tag: str
+                ) -> list[tuple[subprocess.Popen, Path]]:
+    """Host i runs ``args[i]``."""
     hostfile = logs / "hostfile"
     hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(len(hosts))))
     started = []
@@ -124,7 +126,7 @@ def start_hosts(hosts, launcher: str, port: int, args: list[str], env_extra: dic
         # gloo binds to the address of this machine's hostname unless told the interface, and
         # that address is not in the namespace: name the veth (docs/distributed.md).
         env = {**clean_env(), "GLOO_SOCKET_IFNAME": host.ifname, **env_extra}
-        cmd = [*host.prefix, *launcher_cmd(launcher, i, port, hostfile), str(SCRIPT), *args]
+        cmd = [*host.prefix, *launcher_cmd(launcher, i, port, hostfile), str(SCRIPT), *args[i]]
         log = logs / f"{tag}_host{i}.txt"
         with log.open("w") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -133,14 +135,17 @@ def start_hosts(hosts, launcher: str, port: int, args: list[str], env_extra: dic
     return started
 
 
-def wait_all(started, timeout: float = TIMEOUT_S) -> None:
+def wait_all(started, hosts, timeout: float = TIMEOUT_S) -> list[int]:
+    """The hosts' exit codes; both are killed if either is still running after ``timeout``."""
     deadline = time.monotonic() + timeout
     for proc, log in started:
         try:
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            for host in hosts:
+                netns.kill_all(host)
             pytest.fail(f"still running after {timeout} s:\n{_tail(log)}")
-        assert code == 0, f"{log.name}: exit {code}:\n{_tail(log)}"
+    return [proc.returncode for proc, _ in started]
 
 
 def kill_when_stopped(hosts, started, out: Path, timeout: float = TIMEOUT_S) -> None:
@@ -175,6 +180,14 @@ def safetensors_of(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def safetensors_of_start() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from icpo.models import resolve_model_path
+
+    return load_file(Path(resolve_model_path("icpo/tiny")) / "model.safetensors")
+
+
 def deterministic(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC) and k != "time"}
             for r in records]
@@ -187,7 +200,7 @@ def test_two_hosts_killed_and_resumed_equal_uninterrupted(hosts, launcher, gate,
     args = overrides(out, gate)
     stop = {"ICPO_TEST_STOP_AT": f"step_{SAVE_EVERY:06d}", "ICPO_TEST_OUT": str(out)}
     # A fresh namespace has every port free: a fixed one cannot collide with other tests.
-    started = start_hosts(hosts, launcher, 29500, args, stop, tmp_path, "first")
+    started = start_hosts(hosts, launcher, 29500, [args, args], stop, tmp_path, "first")
     kill_when_stopped(hosts, started, out)
 
     root = out / "checkpoints"
@@ -198,9 +211,21 @@ def test_two_hosts_killed_and_resumed_equal_uninterrupted(hosts, launcher, gate,
     assert len(list((ckpt / "deepspeed").rglob("*optim_states.pt"))) == 2  # a ZeRO-2 partition each
     assert not (root / f"step_{STEPS:06d}").exists()
 
-    started = start_hosts(hosts, launcher, 29501, ["--resume", *args], {}, tmp_path, "resumed")
-    wait_all(started)
-    for _, log in started:
+    if launcher == "torchrun":
+        # Host 1 without the shared disk: its own, empty output_dir. Both ranks must refuse,
+        # not train from different steps.
+        alone = overrides(tmp_path / "host1_disk" / "run", gate)
+        started = start_hosts(hosts, launcher, 29502, [["--resume", *args], ["--resume", *alone]],
+                              {}, tmp_path, "unshared")
+        assert wait_all(started, hosts) == [1, 1]
+        for _, log in started:
+            assert ("the ranks found different checkpoints (rank 0: step_000002, rank 1: none)"
+                    in log.read_text(errors="replace")), _tail(log)
+
+    started = start_hosts(hosts, launcher, 29501, [["--resume", *args]] * 2, {}, tmp_path,
+                          "resumed")
+    for code, (_, log) in zip(wait_all(started, hosts), started):
+        assert code == 0, f"{log.name}: exit {code}:\n{_tail(log)}"
         assert "Traceback" not in log.read_text(errors="replace"), _tail(log)
 
     assert (root / "latest").read_text().strip() == f"step_{STEPS:06d}"
@@ -215,10 +240,3 @@ def test_two_hosts_killed_and_resumed_equal_uninterrupted(hosts, launcher, gate,
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert deterministic(got) == deterministic(ref)
 
-
-def safetensors_of_start() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from icpo.models import resolve_model_path
-
-    return load_file(Path(resolve_model_path("icpo/tiny")) / "model.safetensors")
