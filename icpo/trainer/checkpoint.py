@@ -8,11 +8,13 @@ Layout of ``<output_dir>/checkpoints/step_000010/``:
 Everything is written into ``.step_000010.tmp`` first and renamed once complete, so a crash
 never leaves a half-written checkpoint that ``--resume`` could pick up; leftovers are cleaned at
 the next start (``run_folder.clean_stale``). ``latest`` names the newest complete one, and the
-trainer never writes a checkpoint from non-finite weights (``Trainer.save``). Multi-node runs need ``output_dir`` on a shared filesystem.
+trainer never writes a checkpoint from non-finite weights (``Trainer.save``). Several nodes
+need ``output_dir`` on one shared file system (docs/distributed.md; ``check_ranks_agree``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from icpo._io import atomic_write_text
+from icpo.errors import UserError
 from icpo.trainer import distributed as dist
 
 _DS_TAG = "state"
@@ -92,3 +95,25 @@ def load_checkpoint(path: Path, actor) -> dict[str, Any]:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def check_ranks_agree(checkpoint: Path | None, trainer_state: dict[str, Any] | None) -> None:
+    """Every rank must resume the same checkpoint, or none. Each rank reads ``latest`` itself
+    (preflight runs before the process group exists); nodes that do not share
+    ``trainer.output_dir``'s file system see different ones, and would train from different
+    steps. Collective: every rank raises alike."""
+    if dist.world_size() == 1:
+        return
+    mine = None
+    if checkpoint is not None:
+        digest = hashlib.sha256(json.dumps(trainer_state, sort_keys=True).encode()).hexdigest()
+        mine = (checkpoint.name, digest)
+    seen: list[Any] = [None] * dist.world_size()
+    torch.distributed.all_gather_object(seen, mine)
+    if any(s != seen[0] for s in seen):
+        found = ", ".join(f"rank {r}: {s[0] if s else 'none'}" for r, s in enumerate(seen))
+        if len({s[0] if s else None for s in seen}) == 1:
+            found += ", each with another trainer_state.json"
+        raise UserError(f"--resume: the ranks found different checkpoints ({found}); every node "
+                        "must see trainer.output_dir on one shared file system "
+                        "(docs/distributed.md)")

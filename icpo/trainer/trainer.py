@@ -68,6 +68,7 @@ class Trainer:
         check_engine_available(cfg.rollout.engine)  # before any model or process group
         apply_num_threads(cfg.trainer.num_threads)
         self.rank, self.world, self.device = dist.init_distributed(cfg.trainer.device)
+        ckpt.check_ranks_agree(pre.checkpoint, pre.trainer_state)
         self._updating = False  # the model is between two steps (see icpo/trainer/interrupt.py)
         self._step_start_sampler = None  # the sampler's state where the running step began
         self.output_dir = Path(cfg.trainer.output_dir)
