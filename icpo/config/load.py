@@ -49,6 +49,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         if any(type(value) is type(a) and value == a for a in args):
             return value
+        # YAML 1.1 reads a bare on / off (and yes / no) as a bool: take it as the name it was
+        # written as where the field allows "on" / "off" (actor.fused_linear).
+        if type(value) is bool and ("on" if value else "off") in args:
+            return "on" if value else "off"
         raise _fail(name, value, tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
