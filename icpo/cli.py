@@ -5,7 +5,8 @@
   icpo train --config outputs/run/config.yaml --resume   # newest checkpoint in trainer.output_dir
   icpo eval --model icpo/tiny --data data/arithmetic/val.jsonl --n 4 --temperature 1.0
   icpo filter-coarse --model icpo/tiny --data train.jsonl --out coarse.jsonl  # paper's coarse data
-  icpo export --adapter outputs/run/checkpoints/step_000010 --out merged/  # LoRA -> plain HF model
+  icpo eval --model outputs/run/checkpoints/step_000010 --data val.jsonl  # LoRA: merged on load
+  icpo export --merged --adapter outputs/run/checkpoints/step_000010 --out merged/  # LoRA -> HF
 
 Config fields: ``icpo train --help`` or docs/config.md.
 """
@@ -58,15 +59,25 @@ def _eval(args: argparse.Namespace) -> int:
     from icpo.trainer.evaluate import evaluate
     from icpo.trainer.preflight import check_model_path, check_reward_function
 
-    check_model_path("--model", args.model)  # before loading anything: one-line errors
+    adapter = _lora_adapter(args.model)  # a LoRA checkpoint: its base model + adapters
+    if adapter is None:
+        check_model_path("--model", args.model)  # before loading anything: one-line errors
     check_reward_function(args.reward, "--reward")
     records = [r for p in args.data for r in load_records(p)]  # data errors before the model
     if args.max_samples:
         records = records[: args.max_samples]
     reward_fn = RewardFn(RewardConfig(function=args.reward))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, resolve_dtype("auto", device), device)
+    dtype = resolve_dtype("auto", device)
+    if adapter is None:
+        tokenizer = load_tokenizer(args.model)
+        model = load_causal_lm(args.model, dtype, device)
+    else:
+        from icpo.models import lora
+
+        model, base = lora.load_merged(adapter, dtype=dtype)
+        tokenizer = load_tokenizer(lora.tokenizer_folder(adapter, base) or base)
+        model = model.to(device)
     data_cfg = DataConfig(train_files=[], val_files=list(args.data),
                           max_prompt_length=args.max_prompt_length, template=args.template)
     dataset = PromptDataset(records, tokenizer, data_cfg)
@@ -81,6 +92,24 @@ def _eval(args: argparse.Namespace) -> int:
                       "temperature": args.temperature, "num_prompts": len(dataset.items),
                       f"mean@{args.n}": acc}))
     return 0
+
+
+def _lora_adapter(path: str):
+    """The adapter folder when ``path`` is a LoRA checkpoint (``checkpoints/step_N`` or its
+    ``model/``) or a PEFT adapter folder, its base model checked; else None."""
+    from icpo.errors import UserError
+    from icpo.models import lora
+
+    try:
+        adapter = lora.find_adapter_folder(path, "--model")
+    except UserError:  # not an adapter: --model is checked as a model folder
+        return None
+    base = lora.adapter_base_model(adapter)
+    if base is None:
+        raise UserError(f"--model: the LoRA adapter in {adapter} records no base model; merge "
+                        "it first with icpo export --adapter ... --model BASE")
+    lora.check_base_model(base, "--model (the adapter's base_model_name_or_path)")
+    return adapter
 
 
 def _filter_coarse(args: argparse.Namespace) -> int:
@@ -221,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights' dtype (auto: the base checkpoint's)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.add_argument("--merged", action="store_true",
+                    help="accepted for clarity: the export is always the merged model")
     ex.set_defaults(fn=_export)
     return parser
 

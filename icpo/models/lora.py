@@ -304,6 +304,33 @@ def check_export_out(out_folder: str | os.PathLike, overwrite: bool, name: str =
     return out
 
 
+def load_merged(adapter_folder: str | os.PathLike, base_path: str | os.PathLike | None = None,
+                dtype: str | torch.dtype | None = None) -> tuple[nn.Module, str]:
+    """``(model, base folder)``: the base model with the adapters of ``adapter_folder`` (a PEFT
+    adapter folder or a LoRA checkpoint) merged in, a plain transformers model on the CPU.
+    ``base_path`` None takes the adapter's recorded base model; ``dtype`` None the base's."""
+    adapter = find_adapter_folder(adapter_folder, "adapter_folder")
+    base = base_path if base_path is not None else adapter_base_model(adapter)
+    if base is None:
+        raise UserError(f"adapter_folder: {adapter} records no base model; pass base_path")
+    base = check_base_model(base, "base_path")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), base
+
+
+def tokenizer_folder(adapter_folder: str | os.PathLike, base_path: str | os.PathLike
+                     ) -> str | None:
+    """Where the tokenizer of an adapter's model is: the adapter folder when it has one (a
+    LoRA checkpoint does), else the base model's folder when that has one, else None."""
+    for source in (Path(adapter_folder), Path(base_path)):
+        if any((source / f).is_file() for f in _TOKENIZER_FILES):
+            return str(source)
+    return None
+
+
 def export_merged(base_path: str | os.PathLike | None, adapter_folder: str | os.PathLike,
                   out_folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
                   overwrite: bool = False) -> Path:
@@ -316,22 +343,15 @@ def export_merged(base_path: str | os.PathLike | None, adapter_folder: str | os.
     """
     adapter = find_adapter_folder(adapter_folder, "adapter_folder")
     out = check_export_out(out_folder, overwrite, "out_folder")
-    base = base_path if base_path is not None else adapter_base_model(adapter)
-    if base is None:
-        raise UserError(f"adapter_folder: {adapter} records no base model; pass base_path")
-    base = check_base_model(base, "base_path")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    merged, base = load_merged(adapter, base_path, dtype)
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    for source in (adapter, Path(base)):
-        if any((source / f).is_file() for f in _TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(str(source)).save_pretrained(tmp)
-            break
+    tokenizer = tokenizer_folder(adapter, base)
+    if tokenizer is not None:
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -341,5 +361,5 @@ def export_merged(base_path: str | os.PathLike | None, adapter_folder: str | os.
 __all__ = ["apply_lora", "adapters_disabled", "adapter_base_model", "check_base_model",
            "check_export_out",
            "export_merged", "find_adapter_folder", "is_peft_model", "iter_merged_parameters",
-           "load_adapters", "merged_state", "peft_model", "save_adapters",
-           "trainable_parameters"]
+           "load_adapters", "load_merged", "merged_state", "peft_model", "save_adapters",
+           "tokenizer_folder", "trainable_parameters"]

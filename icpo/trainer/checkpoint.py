@@ -1,8 +1,10 @@
 """Atomic checkpoints: everything a step needs to continue exactly.
 
 Layout of ``<output_dir>/checkpoints/step_000010/``:
-  ``model/``        the policy in Hugging Face format (``from_pretrained`` loads it) + tokenizer
-  ``deepspeed/``    DeepSpeed's engine state: optimizer, lr schedule, ZeRO partitions
+  ``model/``        the policy in Hugging Face format (``from_pretrained`` loads it) + tokenizer;
+                    with LoRA, the adapters in PEFT's format (``PeftModel.from_pretrained``)
+  ``deepspeed/``    DeepSpeed's engine state: optimizer, lr schedule, ZeRO partitions (with
+                    LoRA, of the adapters only: the frozen base weights come from model.path)
   ``trainer_state.json``  step, data-sampler position, config
   ``rng_rank{r}.pt``      Python / NumPy / torch RNG states of each rank
 Everything is written into ``.step_000010.tmp`` first and renamed once complete, so a crash
@@ -14,6 +16,7 @@ need ``output_dir`` on one shared file system (docs/distributed.md; ``check_rank
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,15 +51,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_lora(actor) -> bool:
+    from icpo.models.lora import is_peft_model
+
+    return is_peft_model(actor.module)
+
+
 def _save_hf_model(actor, tokenizer, out: Path) -> None:
-    """The policy as a Hugging Face folder; under ZeRO-3 the full weights are gathered to rank 0."""
+    """The policy as a Hugging Face folder (with LoRA: its adapters, PEFT's format); under
+    ZeRO-3 the full weights (the adapters) are gathered to rank 0."""
     module = actor.module
+    if _is_lora(actor):
+        from icpo.models.lora import save_adapters
+
+        save_adapters(module, out, actor.zero_optimization_stage(), write=dist.rank() == 0)
+        if dist.rank() == 0:
+            tokenizer.save_pretrained(out)
+        return
     state_dict = None
     if actor.zero_optimization_stage() == 3:
         state_dict = actor._zero3_consolidated_16bit_state_dict()
     if dist.rank() == 0:
         module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _without_frozen_weights(module: torch.nn.Module):
+    """Inside, ``module.state_dict()`` leaves out every frozen weight. DeepSpeed's
+    ``exclude_frozen_parameters`` alone misses a tied one under its second name (it goes by
+    ``named_parameters()``, which names a tied weight once): the tied LM head, most of a model
+    with a 152k vocabulary, would be saved with the adapters."""
+    frozen = [n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop(_module, state, prefix, _metadata):
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict[str, Any]) -> Path:
@@ -68,7 +104,10 @@ def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict
         tmp.mkdir(parents=True)
     dist.barrier()
     _save_hf_model(actor, tokenizer, tmp / "model")
-    actor.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False)
+    lora = _is_lora(actor)
+    with _without_frozen_weights(actor.module) if lora else contextlib.nullcontext():
+        actor.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False,
+                              exclude_frozen_parameters=lora)
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.rank() == 0:
@@ -87,7 +126,9 @@ def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict
 def load_checkpoint(path: Path, actor) -> dict[str, Any]:
     """Restore engine, optimizer, schedule and this rank's RNG from ``path``; returns the
     trainer state saved with it."""
+    # LoRA: the saved module state holds the adapters only; the base weights stay as loaded.
     load_path, _ = actor.load_checkpoint(str(path / "deepspeed"), tag=_DS_TAG,
+                                         load_module_strict=not _is_lora(actor),
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"no DeepSpeed state in {path / 'deepspeed'}")

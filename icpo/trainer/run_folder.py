@@ -22,6 +22,7 @@ MUST_MATCH = (
     "data.max_prompt_length", "data.overlong_prompts", "data.template", "data.shuffle",
     "data.seed", "trainer.train_batch_size", "trainer.zero_stage", "actor.ppo_mini_batch_size",
     "actor.ppo_epochs", "actor.lr_schedule", "actor.lr_warmup_steps",
+    "model.lora_rank", "model.lora_alpha", "model.target_modules",
 )
 """Fields a resumed run must share with its checkpoint: they fix the algorithm, the data
 stream, the schedules' shape and the saved optimizer state's layout. The training data is

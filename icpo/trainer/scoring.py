@@ -37,6 +37,9 @@ from icpo.trainer.batching import PackedBatch, pack_samples, segment_positions
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder stack and LM head of a transformers causal LM (Qwen2, Llama, Mistral, ...)."""
+    base = getattr(model, "get_base_model", None)
+    if callable(base):  # PEFT: the transformers model, its LoRA layers inside (adapters on/off)
+        model = base()
     head = model.get_output_embeddings()
     body = getattr(model, model.base_model_prefix, None)
     if head is None or body is None:

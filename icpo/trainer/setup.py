@@ -1,14 +1,22 @@
 """The models the trainer trains and scores with: the policy wrapped in a DeepSpeed engine (with
-its optimizer and lr schedule) and the frozen reference model (loading: icpo/models/loading.py)."""
+its optimizer and lr schedule) and the frozen reference model (loading: icpo/models/loading.py).
+
+With ``model.lora_rank > 0`` the policy is a PEFT model (icpo/models/lora.py): only its adapters
+go to the optimizer, and the reference is that same model with its adapters off unless
+``model.ref_path`` names another one, so no second copy of the base weights is loaded.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from icpo.models import resolve_model_path
 from icpo.models.loading import load_causal_lm, resolve_dtype
 
 
@@ -58,6 +66,19 @@ class TrainingModels:
     scheduler: Any
     reference: torch.nn.Module | None
     num_params: int
+    lora: bool = False
+    """The actor is a PEFT model whose LoRA adapters alone are trained."""
+    reference_is_base: bool = False
+    """``reference`` is the actor's own module: score it inside :meth:`reference_mode`."""
+
+    def reference_mode(self) -> contextlib.AbstractContextManager:
+        """The context to compute the reference log-probs in: the actor's adapters disabled
+        when the reference is the LoRA policy's base model, else nothing."""
+        if not self.reference_is_base:
+            return contextlib.nullcontext()
+        from icpo.models.lora import adapters_disabled
+
+        return adapters_disabled(self.actor)
 
 
 def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> TrainingModels:
@@ -78,14 +99,23 @@ def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> Tr
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.config.use_cache = False
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.actor.lr,
+    lora = cfg.model.lora_rank > 0
+    params = policy.parameters()
+    if lora:
+        from icpo.models.lora import trainable_parameters
+
+        policy = _with_adapters(policy, cfg.model)
+        params = trainable_parameters(policy)
+    optimizer = torch.optim.AdamW(params, lr=cfg.actor.lr,
                                   betas=tuple(cfg.actor.betas), weight_decay=cfg.actor.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.actor.lr_warmup_steps, optimizer_steps, cfg.actor.lr_schedule))
     actor, optimizer, _, scheduler = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_train)
-    reference = None
-    if cfg.actor.kl_coef > 0:
+    reference, reference_is_base = None, False
+    if cfg.actor.kl_coef > 0 and lora and cfg.model.ref_path is None:
+        reference, reference_is_base = actor.module, True  # scored with the adapters off
+    elif cfg.actor.kl_coef > 0:
         ref = load_causal_lm(cfg.model.ref_path or cfg.model.path, dtype, device,
                              cfg.model.attn_implementation)
         ref.requires_grad_(False).eval()
@@ -95,4 +125,19 @@ def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> Tr
             ref = ref.module
         reference = ref
     del keep_alive
-    return TrainingModels(actor, optimizer, scheduler, reference, num_params)
+    return TrainingModels(actor, optimizer, scheduler, reference, num_params, lora,
+                          reference_is_base)
+
+
+def _with_adapters(policy: torch.nn.Module, model_cfg) -> torch.nn.Module:
+    """``policy`` wrapped in PEFT LoRA adapters; the adapter records the base model as an
+    absolute folder (or the hub id), so ``PeftModel.from_pretrained`` finds it from anywhere."""
+    from icpo.models.lora import apply_lora
+
+    targets = model_cfg.target_modules
+    peft = apply_lora(policy, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout,
+                      targets if isinstance(targets, str) else list(targets))
+    local = resolve_model_path(model_cfg.path)
+    if os.path.isdir(local):
+        peft.peft_config[peft.active_adapter].base_model_name_or_path = os.path.abspath(local)
+    return peft

@@ -174,8 +174,16 @@ class Trainer:
         return self.policy_update(scored, step, seed)
 
     def _sync_weights(self) -> None:
-        """Bring the rollout engine up to the updated policy (a no-op for the HF engine)."""
-        self.rollout.sync_from(self.models.actor.module, self.cfg.trainer.zero_stage)
+        """Bring the rollout engine up to the updated policy (a no-op for the HF engine, which
+        samples from the live module, adapters on). With LoRA, vLLM gets W + B·A·alpha/r in new
+        tensors under the base model's names; the trainer's weights stay as they are."""
+        parameters = None
+        if self.models.lora:
+            from icpo.models.lora import iter_merged_parameters
+
+            parameters = iter_merged_parameters
+        self.rollout.sync_from(self.models.actor.module, self.cfg.trainer.zero_stage,
+                               parameters=parameters)
 
     # ---------------------------------------------------------------- the step
     def train_step(self) -> dict[str, Any]:
@@ -231,9 +239,10 @@ class Trainer:
         t0 = time.perf_counter()
         ref_logp = None
         if self.models.reference is not None:
-            ref_logp, _ = score_all(self.models.reference, batches, temperature,
-                                    with_entropy=False, lockstep_batches=most,
-                                    fused_linear=fused)
+            with self.models.reference_mode():  # LoRA: the policy itself, adapters off
+                ref_logp, _ = score_all(self.models.reference, batches, temperature,
+                                        with_entropy=False, lockstep_batches=most,
+                                        fused_linear=fused)
             ref_logp = ref_logp.cpu()
         t["time/ref_logprob"] = time.perf_counter() - t0
         t0 = time.perf_counter()
