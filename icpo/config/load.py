@@ -25,7 +25,27 @@ from icpo.config.schema import AggMode, Config, ConfigError, describe
 # --------------------------------------------------------------------------- YAML reading
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-6`` as a float (YAML 1.1 would keep it a string)."""
+    """SafeLoader that also reads ``1e-6`` as a float (YAML 1.1 would keep it a string) and
+    refuses a key given twice in one mapping (PyYAML silently keeps the last: a second
+    ``actor:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    where = "" if self.name.startswith("<") else f"{self.name}:"
+                    raise ConfigError(f"{where}{line + 1}: duplicate key {key!r} (first given "
+                                      f"on line {first + 1}); give each key once")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
