@@ -29,22 +29,31 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors before torch is imported
     from icpo.trainer import Trainer
     from icpo.trainer.distributed import exit_launched_process
-    from icpo.trainer.interrupt import TrainingInterrupted
+    from icpo.trainer.interrupt import train_to_end
 
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    try:
-        trainer.train()
-    except TrainingInterrupted:
-        if trainer.world == 1:
-            trainer.close()
-        exit_launched_process(INTERRUPTED)
-        return INTERRUPTED
-    trainer.close()  # not on error: a rank that failed must not wait for the others
-    exit_launched_process(0)
-    return 0
+    _, code = train_to_end(Trainer(cfg, resume=args.resume, overwrite=args.overwrite))
+    exit_launched_process(code)
+    return code
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Every value ``icpo eval`` takes, before torch or the model loads (one line, exit 2)."""
+    from icpo.errors import check_range
+
+    check_range("--n", args.n, at_least=1, integer=True)
+    check_range("--temperature", args.temperature, at_least=0)
+    for flag, value in (("--max-new-tokens", args.max_new_tokens),
+                        ("--max-prompt-length", args.max_prompt_length),
+                        ("--batch-size", args.batch_size)):
+        check_range(flag, value, at_least=1, integer=True)
+    check_range("--max-samples", args.max_samples, at_least=0, integer=True)
+    check_range("--seed", args.seed, at_least=0, below=2**63, integer=True)
+    if args.threads is not None:
+        check_range("--threads", args.threads, at_least=1, integer=True)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_eval_args(args)
     from icpo.runtime import apply_num_threads
 
     apply_num_threads(args.threads)
@@ -151,15 +160,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _make_arithmetic(args: argparse.Namespace) -> int:
-    import os
-
+    from icpo.errors import check_new_files, check_range
     from icpo.tasks.arithmetic import make_records, write_jsonl
 
-    for split, n in (("train", args.train), ("val", args.val), ("test", args.test)):
-        if n:
-            path = os.path.join(args.out, f"{split}.jsonl")
-            write_jsonl(make_records(split, n), path)
-            print(f"wrote {n} {split} problems to {path}")
+    splits = [("train", args.train), ("val", args.val), ("test", args.test)]
+    for split, n in splits:
+        check_range(f"--{split}", n, at_least=0, integer=True)
+    splits = [(s, n) for s, n in splits if n]
+    # Every check before the first write: a refused command leaves the folder as it was.
+    paths = check_new_files(args.out, [f"{s}.jsonl" for s, _ in splits],
+                            overwrite=args.overwrite)
+    for (split, n), path in zip(splits, paths):
+        write_jsonl(make_records(split, n), path)
+        print(f"wrote {n} {split} problems to {path}")
     return 0
 
 
@@ -175,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with GRPO or ICPO", formatter_class=raw,
-                           description="Train with GRPO or ICPO. Ctrl-C saves a checkpoint of the "
-                           "last finished step and exits with 130.", epilog=_train_help())
+                           description="Train with GRPO or ICPO. Ctrl-C (exit 130) and SIGTERM "
+                           "(exit 143) save a checkpoint of the last finished step; a second run "
+                           "into a folder in use is refused.", epilog=_train_help())
     train.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
-                       help="continue from the newest checkpoint in trainer.output_dir, or from PATH")
+                       help="continue from the newest checkpoint in trainer.output_dir, "
+                       "or from PATH")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in trainer.output_dir (refused otherwise)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-6")
@@ -205,11 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="make datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     arith = data_sub.add_parser("make-arithmetic",
-                                help="write the tiny arithmetic task's train/val JSONL (verl schema)")
-    arith.add_argument("--out", default="data/arithmetic", help="output folder (default: %(default)s)")
-    arith.add_argument("--train", type=int, default=4000, help="training problems (default: %(default)s)")
-    arith.add_argument("--val", type=int, default=200, help="held-out problems (default: %(default)s)")
+                                help="write the tiny arithmetic task's train/val JSONL "
+                                "(verl schema)")
+    arith.add_argument("--out", default="data/arithmetic",
+                       help="output folder (default: %(default)s)")
+    arith.add_argument("--train", type=int, default=4000,
+                       help="training problems (default: %(default)s)")
+    arith.add_argument("--val", type=int, default=200,
+                       help="held-out problems (default: %(default)s)")
     arith.add_argument("--test", type=int, default=0, help="held-out test problems (0 = none)")
+    arith.add_argument("--overwrite", action="store_true",
+                       help="replace train/val/test .jsonl files already in --out (else refused)")
     arith.set_defaults(fn=_make_arithmetic)
 
     fc = sub.add_parser(
@@ -256,40 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(e: BaseException) -> bool:
-    """Bad input the user can fix (reported in one line, no traceback)."""
-    if isinstance(e, FileNotFoundError):
-        return True
-    from icpo.config import ConfigError
-    from icpo.errors import UserError
-
-    if isinstance(e, (ConfigError, UserError)):
-        return True
-    dataset = sys.modules.get("icpo.data.dataset")  # only loaded (with torch) when data was read
-    return dataset is not None and isinstance(e, dataset.DataError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from icpo.errors import run_main
+
     set_thread_env_defaults()  # before anything imports torch
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluation)
-        print(f"\nicpo {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED
-    except Exception as e:  # noqa: BLE001 (re-raised unless it is the user's input)
-        if not _user_error(e):
-            raise
-        # One write: the ranks of a launched run share stderr, and lines must not interleave.
-        sys.stderr.write(f"icpo {args.command}: error: {e}\n")
-        sys.stderr.flush()
-        if "icpo.trainer.distributed" in sys.modules:
-            # A launcher-started rank ends at once, as a successful one does; a lone process
-            # returns here.
-            from icpo.trainer.distributed import exit_launched_process
-
-            exit_launched_process(2)
-        return 2
+    prog = " ".join(["icpo", args.command, *filter(None, [getattr(args, "data_command", None)])])
+    return run_main(prog, lambda: args.fn(args))
 
 
 if __name__ == "__main__":

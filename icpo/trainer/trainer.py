@@ -29,7 +29,7 @@ from icpo.algorithms import (
 from icpo.algorithms.premise import premise_metrics
 from icpo.config import Config, save_config
 from icpo.data import PromptDataset, PromptSampler
-from icpo.errors import UserError
+from icpo.errors import RewardError, UserError
 from icpo.models import resolve_model_path
 from icpo.models.loading import load_tokenizer
 from icpo.rewards import RewardFn, add_reward_noise, uniform_group_mask
@@ -40,7 +40,7 @@ from icpo.trainer import distributed as dist
 from icpo.trainer.batching import micro_batches
 from icpo.trainer.evaluate import evaluate
 from icpo.trainer.guard import Guard
-from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, resume_hint
+from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, stop_report
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
 from icpo.trainer.preflight import preflight
 from icpo.trainer.run_folder import find_resumable
@@ -329,16 +329,17 @@ class Trainer:
 
     def train(self) -> list[dict[str, Any]]:
         """Run to ``trainer.total_steps``; returns the logged metrics of the steps run here.
-        Ctrl-C raises :class:`TrainingInterrupted` after saving (icpo/trainer/interrupt.py)."""
+        Ctrl-C or SIGTERM raises :class:`TrainingInterrupted` after saving, a failing reward
+        function its RewardError after saving (icpo/trainer/interrupt.py)."""
         cfg, history = self.cfg.trainer, []
-        guard = InterruptGuard(lambda: self._updating)
+        guard = InterruptGuard(lambda: self._updating, world=self.world, rank=self.rank)
         try:
             with guard:
                 if self.step == 0 and self.val_data is not None and cfg.eval_every:
                     before = {"val/accuracy": self.evaluate()}
                     self.logger.log(0, before, advance=False)
                     history.append({"step": 0, **before})
-                while self.step < cfg.total_steps and not guard.requested:
+                while self.step < cfg.total_steps and not guard.should_stop():
                     self._step_start_sampler = self.sampler.state_dict()
                     metrics = self.train_step()
                     self.step += 1
@@ -357,7 +358,10 @@ class Trainer:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.logger.close()
-            raise self._interrupted() from None
+            raise self._interrupted(guard) from None
+        except RewardError as e:  # the user's function: keep the last finished step, as Ctrl-C
+            self.logger.close()
+            raise self._interrupted(guard, e) from None
         finally:
             self.logger.close()
         return history
@@ -369,32 +373,8 @@ class Trainer:
         except UserError:
             return None
 
-    def _interrupted(self) -> TrainingInterrupted:
-        """After Ctrl-C: save when the state is that of a finished step, print one line."""
-        cfg, where = self.cfg.trainer, f"step {self.step}/{self.cfg.trainer.total_steps}"
-        saved, note = None, ""
-        if self._updating:
-            note = "stopped during an update, not saved"
-        elif not cfg.save_on_interrupt:
-            note = "not saved (trainer.save_on_interrupt=false)"
-        elif self.world > 1:
-            note = "not saved (several processes stop at different points)"
-        elif self.step == 0:
-            note = "no step finished, nothing to save"
-        else:
-            if self._step_start_sampler is not None:  # abandoned step: rewind its prompts
-                self.sampler.load_state_dict(self._step_start_sampler)
-            latest = self._latest_checkpoint()
-            same = latest is not None and latest.name == f"step_{self.step:06d}"
-            saved = str(latest if same else self.save())  # this very state is saved already
-        latest = self._latest_checkpoint()
-        if saved:
-            msg = f"icpo: interrupted after {where}; saved {saved}"
-        else:
-            msg = f"icpo: interrupted after {where}; {note}"
-            msg += f"; last checkpoint: {latest}" if latest else "; no checkpoint yet"
-        if saved or latest:
-            msg += f"; resume: {resume_hint(str(self.output_dir))}"
-        if self.rank == 0:
-            print(msg, file=sys.stderr, flush=True)
-        return TrainingInterrupted(msg, saved or (str(latest) if latest else None))
+    def _interrupted(self, guard: InterruptGuard,
+                     error: Exception | None = None) -> TrainingInterrupted | Exception:
+        """After a signal or a RewardError: save when the state is that of a finished step,
+        say so in one line (icpo.trainer.interrupt.stop_report)."""
+        return stop_report(self, guard, error)
