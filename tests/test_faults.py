@@ -323,10 +323,10 @@ def nan_acc(data_source, solution_str, ground_truth, extra_info=None):
 def test_rewards_of_any_real_type_and_nan_acc(data):
     from icpo.config import RewardConfig
     from icpo.data import load_records
-    from icpo.rewards import RewardFn
+    from icpo.rewards import RewardError, RewardFn
 
     rec = load_records(data / "train.jsonl")[0]
     out = RewardFn(RewardConfig(function=f"{__name__}:numpy_scores"))([rec] * 5, list("abcde"))
     assert out.score.tolist() == [0.5, 1.0, 1.0, 1.0, 0.25]
-    with pytest.raises(TypeError, match="acc nan"):
+    with pytest.raises(RewardError, match="acc nan"):
         RewardFn(RewardConfig(function=f"{__name__}:nan_acc"))([rec], ["x"])

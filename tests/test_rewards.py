@@ -9,6 +9,7 @@ import icpo.rewards.verifiable as verifiable
 from icpo.config import RewardConfig
 from icpo.data import PromptRecord
 from icpo.rewards import (
+    RewardError,
     RewardFn,
     add_reward_noise,
     answer_reward,
@@ -197,11 +198,11 @@ def raises(data_source, solution_str, ground_truth, extra_info=None):
 
 def test_reward_fn_rejects_bad_outputs():
     fn = RewardFn(RewardConfig(function=f"{__name__}:bad_return"))
-    with pytest.raises(TypeError, match="without 'score'"):
+    with pytest.raises(RewardError, match="without 'score'"):
         fn([_rec("x")], ["dict"])
-    with pytest.raises(TypeError, match="finite number"):
+    with pytest.raises(RewardError, match="finite number"):
         fn([_rec("x")], ["nan"])
-    with pytest.raises(RuntimeError, match="raises.*response 1"):
+    with pytest.raises(RewardError, match="raises.*sample 1"):
         RewardFn(RewardConfig(function=f"{__name__}:raises"))([_rec("x")] * 2, ["a", "b"])
     with pytest.raises(ValueError, match="records"):
         RewardFn(RewardConfig())([_rec("x")] * 2, ["a", "b", "c"])

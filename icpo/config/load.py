@@ -211,6 +211,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "rollout.val_n": _GE1, "rollout.val_temperature": _NONNEG, "rollout.hf_batch_size": _GE1,
     "reward.answer_weight": _NONNEG, "reward.format_weight": _NONNEG,
     "reward.noise_fraction": _UNIT, "reward.noise_magnitude": _NONNEG,
+    "reward.timeout_s": _NONNEG,
     "algorithm.delta": _POS, "algorithm.tau": _POS, "algorithm.eps": _POS,
     "algorithm.omega.omega_max": _NONNEG, "algorithm.omega.omega_min": _NONNEG,
     "algorithm.omega.peak_fraction": _UNIT,

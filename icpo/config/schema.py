@@ -152,6 +152,12 @@ class RewardConfig:
     drop_mixed_groups: bool = False
     """At every step, train only on the groups whose G rewards are all equal (a harsher setting
     than the paper's coarse-grained one, which filters the data once: ``icpo filter-coarse``)."""
+    timeout_s: float = 60.0
+    """Deadline of one reward call, in seconds (0 = none). The calls run in a forked child
+    process that is killed at the deadline, so even a function stuck in C code ends; the run
+    then stops with an error naming the sample, after saving the last finished step. 0 runs
+    the function in the training process (for one that uses CUDA, threads or clients it
+    started at import, which a fork does not carry over)."""
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
     """Soft length penalty near the response cap (DAPO; docs/compat.md)."""
 

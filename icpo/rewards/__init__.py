@@ -2,6 +2,9 @@
 
 A reward function has verl's signature ``fn(data_source, solution_str, ground_truth,
 extra_info) -> float | dict`` (a dict must hold "score"; "acc" and other numbers are kept).
+:class:`RewardFn` calls it with a deadline per sample (``reward.timeout_s``, in a forked child:
+:mod:`icpo.rewards.worker`); a call that raises, returns something that is not a reward or
+times out is a :class:`~icpo.errors.RewardError` naming the function and the sample.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from icpo.errors import RewardError
+from icpo.rewards import worker
 from icpo.rewards.noise import add_reward_noise, num_noisy, uniform_group_mask
 from icpo.rewards.verifiable import answer_reward, compute_score, extract_answer, format_reward
 
@@ -91,29 +96,53 @@ class RewardBatch:
     """float32 ``[N]`` per other numeric key of the function's dicts (NaN where absent)."""
 
 
+def describe_sample(i: int, record: Any, text: str) -> str:
+    """``sample i (file:line, data_source 'x', response '<start>...')`` for error messages."""
+    where = getattr(record, "location", "") or f"record {getattr(record, 'index', '?')}"
+    start = text if len(text) <= 40 else text[:40] + "..."
+    return (f"sample {i} ({where}, data_source {getattr(record, 'data_source', None)!r}, "
+            f"response {start!r})")
+
+
 class RewardFn:
     """Scores responses with ``cfg.function``, passing ``cfg.answer_weight`` and
     ``cfg.format_weight`` in ``extra_info`` (over any the record has). No noise is added here:
-    see :func:`add_reward_noise`."""
+    see :func:`add_reward_noise`.
+
+    With ``cfg.timeout_s > 0`` (and ``os.fork``) the calls run in a forked child, each with that
+    deadline; with 0 they run in this process, without one. Any failure is a RewardError."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.name = cfg.function
         self.fn = load_reward_fn(cfg.function)
+        self.timeout_s = float(getattr(cfg, "timeout_s", 0.0) or 0.0)
+        self._calls = (worker.ForkedCalls(self._score)
+                       if self.timeout_s > 0 and worker.FORK_AVAILABLE else None)
 
-    def _one(self, i: int, record: Any, text: str) -> tuple[float, float, dict[str, float]]:
+    def close(self) -> None:
+        """End the child process, if one runs (a later call starts another)."""
+        if self._calls is not None:
+            self._calls.close()
+
+    def _fail(self, i: int, record: Any, text: str, what: str) -> RewardError:
+        return RewardError(f"reward function {self.name!r} {what} on "
+                           f"{describe_sample(i, record, text)}")
+
+    def _score(self, item: tuple[int, Any, str]) -> tuple[float, float, dict[str, float]]:
+        i, record, text = item
         info = dict(record.extra_info or {})
         info.update(answer_weight=self.cfg.answer_weight, format_weight=self.cfg.format_weight)
         try:
             out = self.fn(record.data_source, text, record.ground_truth, info)
         except Exception as e:
-            raise RuntimeError(f"reward function {self.name!r} failed on response {i} "
-                               f"({record.location or record.data_source}): {e}") from e
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise self._fail(i, record, text, f"raised {detail}") from e
         extras: dict[str, float] = {}
         if isinstance(out, dict):
             if "score" not in out:
-                raise TypeError(f"reward function {self.name!r} returned a dict without 'score' "
-                                f"(keys: {sorted(out)})")
+                raise self._fail(i, record, text, "returned a dict without 'score' (keys: "
+                                 f"{', '.join(map(repr, sorted(out, key=str)))})")
             score = out["score"]
             for k, v in out.items():
                 if k not in ("score", "acc") and not isinstance(v, bool) and as_real(v) is not None:
@@ -123,18 +152,35 @@ class RewardFn:
             score, acc = out, None
         value = as_real(score)
         if value is None or not math.isfinite(value):
-            raise TypeError(f"reward function {self.name!r} returned score {score!r} for response "
-                            f"{i}; expected a finite number (any real type)")
+            shown = repr(score) if len(repr(score)) <= 60 else type(score).__name__
+            raise self._fail(i, record, text, f"returned score {shown}; expected a finite number "
+                             "(any real type), or a dict with one as 'score'")
         if acc is None:
             acc_value = float(value > 0)
         else:
             acc_value = as_real(acc)
             # float(bool(nan)) is 1.0: a NaN "acc" would be logged as a correct answer.
             if acc_value is None or not math.isfinite(acc_value):
-                raise TypeError(f"reward function {self.name!r} returned acc {acc!r} for response "
-                                f"{i}; expected a bool or a finite number (non-zero = correct)")
+                raise self._fail(i, record, text, f"returned acc {acc!r}; expected a bool or a "
+                                 "finite number (non-zero = correct)")
             acc_value = float(acc_value != 0)
         return value, acc_value, extras
+
+    def _score_all(self, items: list[tuple[int, Any, str]]) -> list[tuple]:
+        if self._calls is None:
+            return [self._score(item) for item in items]
+        try:
+            return self._calls.map(items, self.timeout_s)
+        except worker.CallFailed as e:  # the child's RewardError, or a bug of ours, as text
+            msg = e.message.removeprefix("RewardError: ")
+            if msg.startswith(f"reward function {self.name!r}"):
+                raise RewardError(msg) from None
+            raise self._fail(*items[e.index], f"failed ({msg})") from None
+        except worker.CallTimedOut as e:
+            raise self._fail(*items[e.index], f"did not return within reward.timeout_s="
+                             f"{self.timeout_s:g} s") from None
+        except worker.ChildDied as e:
+            raise self._fail(*items[e.index], f"ended its process ({e.how})") from None
 
     def __call__(self, records: Sequence[Any], responses_text: Sequence[str]) -> RewardBatch:
         """Rewards for ``responses_text[i]``, whose prompt is ``records[i]`` or, when there are
@@ -145,12 +191,9 @@ class RewardFn:
             raise ValueError(f"records: got {b} records for {n} responses; expected a count "
                              "that divides the number of responses")
         g = n // b
-        scores, accs, extras = [], [], []
-        for i, text in enumerate(responses_text):
-            s, a, e = self._one(i, records[i // g], text)
-            scores.append(s)
-            accs.append(a)
-            extras.append(e)
+        results = self._score_all([(i, records[i // g], text)
+                                   for i, text in enumerate(responses_text)])
+        scores, accs, extras = ([r[k] for r in results] for k in range(3))
         keys = sorted({k for e in extras for k in e})
         return RewardBatch(
             score=torch.tensor(scores, dtype=torch.float32),
@@ -160,6 +203,7 @@ class RewardFn:
 
 
 __all__ = [
-    "RewardBatch", "RewardFn", "add_reward_noise", "answer_reward", "as_real", "compute_score",
+    "RewardBatch", "RewardError", "RewardFn", "add_reward_noise", "answer_reward", "as_real",
+    "compute_score", "describe_sample",
     "extract_answer", "format_reward", "load_reward_fn", "num_noisy", "uniform_group_mask",
 ]

@@ -1,4 +1,5 @@
-"""The paper's noisy-reward setting (Sec. 4.3, App. B.1; docs/algorithm.md) and the per-step mixed-group filter.
+"""The paper's noisy-reward setting (Sec. 4.3, App. B.1; docs/algorithm.md) and the per-step
+mixed-group filter.
 
 Noisy: at every step, exactly ``round(fraction * N)`` of the N responses, chosen uniformly at
 random, get ``+magnitude`` or ``-magnitude`` (random sign, each with probability 1/2) added to
@@ -31,7 +32,8 @@ def add_reward_noise(rewards: torch.Tensor, fraction: float, magnitude: float,
     Returns:
         ``(noisy [N] same dtype/device as rewards, mask bool [N] True where noise was added)``.
     """
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+    if (not isinstance(rewards, torch.Tensor) or rewards.dim() != 1
+            or not rewards.is_floating_point()):
         raise ValueError(f"rewards: expected a 1-D floating tensor, got {_describe(rewards)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction: got {fraction!r}; expected a number in [0, 1]")

@@ -77,7 +77,8 @@ def _math_equal(answer: str, ground_truth: str) -> bool:
     try:
         # Bare LaTeX like "\frac{1}{2}" is only found inside a delimiter; \boxed{} is one.
         boxed = "\\boxed" in ground_truth or "$" in ground_truth
-        gold = parse(ground_truth if boxed else f"\\boxed{{{ground_truth}}}", parsing_timeout=timeout)
+        gold = parse(ground_truth if boxed else f"\\boxed{{{ground_truth}}}",
+                     parsing_timeout=timeout)
         if not gold:
             return False
         candidates = [answer] if "\\boxed" in answer else [answer, f"\\boxed{{{answer}}}"]
@@ -103,17 +104,20 @@ def answer_reward(answer: str | None, ground_truth: Any) -> float:
     if isinstance(ground_truth, (list, tuple)):
         return float(any(answer_reward(answer, g) for g in ground_truth))
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
-        raise TypeError(f"ground_truth: expected str, number or list, got {type(ground_truth).__name__}")
+        raise TypeError("ground_truth: expected str, number or list, got "
+                        f"{type(ground_truth).__name__}")
     gt = str(ground_truth).strip()
     mc = _MC_GOLD_RE.fullmatch(gt)
     if mc is not None:
         pred = _MC_PRED_RE.fullmatch(_unwrap(answer))
         return float(pred is not None and pred.group(1).upper() == mc.group(1))
-    if _normalize(answer) == _normalize(gt) or _normalize(_unwrap(answer)) == _normalize(_unwrap(gt)):
+    if (_normalize(answer) == _normalize(gt)
+            or _normalize(_unwrap(answer)) == _normalize(_unwrap(gt))):
         return 1.0
     a, g = _unwrap(answer), _unwrap(gt)
     if _INT_RE.fullmatch(a) and _INT_RE.fullmatch(g):
-        return float(int(a) == int(g))  # two integer literals: what math-verify decides, ~1000x faster
+        # two integer literals: what math-verify decides, ~1000x faster
+        return float(int(a) == int(g))
     return float(_math_equal(answer, gt))
 
 
