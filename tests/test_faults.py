@@ -191,7 +191,8 @@ def test_overwrite_removes_only_run_files(data, tmp_path):
     with pytest.raises(UserError, match="exclude each other"):
         preflight(cfg_of(data, out), resume="auto", overwrite=True)
     preflight(cfg_of(data, out), overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # .icpo.lock: the new run's own, held until its process ends (run_folder.claim)
+    assert sorted(p.name for p in out.iterdir()) == [".icpo.lock", "notes.txt"]
 
 
 def test_metrics_are_appended_and_a_torn_line_is_recovered(tmp_path):

@@ -192,8 +192,10 @@ def _choose_checkpoint(out: Path, resume: str | None, overwrite: bool,
 
 def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Preflight:
     """Check everything checkable before any set-up; raise UserError (or DataError, naming file
-    and line) for the first problem. Rank 0 then repairs the folder (stale temporary
-    checkpoints, ``--overwrite``) and creates it; nothing else is written."""
+    and line) for the first problem. Rank 0 then creates the folder and takes its lock
+    (``run_folder.claim``: a second run is refused from here to this process's end), repairs it
+    (stale temporary checkpoints, ``--overwrite``); nothing else is written. A run refused after
+    the lock gives it back and leaves the folder as it found it."""
     out = Path(cfg.trainer.output_dir)
     rank0 = _rank() == 0
     check_output_dir(out)
@@ -208,6 +210,24 @@ def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -
         val = _load(cfg.data.val_files, cfg.data, "data.val_files")
         val = val[: cfg.data.val_max_samples or None]
     result = Preflight(train, val, run_folder.data_fingerprint(train))
+    if not rank0:
+        return _resume_and_folder(cfg, out, resume, overwrite, result, rank0)
+    fresh = not out.exists()
+    _make_output_dir(out)
+    result.notes += filter(None, [run_folder.claim(out)])  # before anything else is written
+    try:
+        return _resume_and_folder(cfg, out, resume, overwrite, result, rank0)
+    except BaseException:
+        run_folder.release(out)
+        if fresh and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _resume_and_folder(cfg: Config, out: Path, resume: str | None, overwrite: bool,
+                       result: Preflight, rank0: bool) -> Preflight:
+    """The part of :func:`preflight` that reads and repairs the output folder (rank 0 holds
+    its lock): what ``--resume`` resumes, whether its config may continue, ``--overwrite``."""
     if rank0:  # before reading `latest`: a restored folder may be the one it names
         result.notes += run_folder.clean_stale(out / "checkpoints")
     result.checkpoint = _choose_checkpoint(out, resume, overwrite, result.notes)

@@ -1,12 +1,16 @@
-"""The output folder of a run: what it holds, whether a new run may use it, and whether a
-checkpoint may be resumed with a given config. Torch-free; nothing here is written unless the
-caller asks (``clear_run`` for ``--overwrite``, ``clean_stale`` at start)."""
+"""The output folder of a run: who holds it, what it holds, whether a new run may use it, and
+whether a checkpoint may be resumed with a given config. Torch-free; nothing here is written
+unless the caller asks (``claim`` at start, ``clear_run`` for ``--overwrite``, ``clean_stale``)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,125 @@ compared by content (a moved file is fine), or by ``data.train_files`` for a che
 recorded no fingerprint."""
 
 IGNORED = ("trainer.output_dir", "trainer.progress_bar", "trainer.log_every",
-           "trainer.tensorboard", "trainer.wandb_project", "trainer.resume_total_steps")
+           "trainer.tensorboard", "trainer.wandb_project", "trainer.resume_total_steps",
+           "reward.timeout_s")
 """Fields that change nothing a resumed run computes (not even worth a warning)."""
+
+
+LOCK_FILE = ".icpo.lock"
+"""The lock a run holds on its output folder for its whole life (``PID host`` inside)."""
+
+_held: dict[str, int] = {}
+"""Folders this process holds (resolved path -> the lock file's descriptor, kept open)."""
+_created: set[str] = set()
+"""Of those, the ones whose lock file this process created (``release`` removes it)."""
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (the reward worker, a DataLoader's) closes its copies, so the lock ends
+    # with the run's own process and never outlives it in a child.
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+    _created.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def claim(output_dir: Path) -> str | None:
+    """Take ``output_dir``'s lock (``LOCK_FILE``, an exclusive ``flock``) for the rest of this
+    process's life, or until :func:`release`; the folder must exist. Refused with a UserError
+    naming the holder's PID while another live process holds it. A lock file left by a killed
+    run holds no lock (the kernel drops a ``flock`` with its process) and is taken over. Taking
+    a folder this process already holds is a no-op. Returns a warning when the file system
+    cannot lock (the run goes on; concurrent runs into the folder are then not detected).
+
+    Rank 0 of a run takes it, for the whole run: the other ranks never do, so the processes of
+    one run cannot refuse each other, on one node or many."""
+    key = str(Path(output_dir).resolve())
+    if key in _held:
+        return None
+    path = Path(output_dir) / LOCK_FILE
+    while True:
+        created = not path.exists()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"trainer.output_dir: cannot create {path}: "
+                            f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+            holder = _holder(fd) if busy else []
+            os.close(fd)
+            if not busy:
+                return (f"cannot lock {path} ({e.strerror or e}); a second run started into "
+                        "this folder would not be refused")
+            who = (f"PID {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")
+                   if holder else "a process that has not written its PID yet")
+            raise UserError(f"trainer.output_dir: {str(output_dir)!r} is in use by another run "
+                            f"({who}; lock {path}); wait for it to end or stop it, or choose "
+                            "another output_dir") from None
+        try:  # a releasing holder may have removed the file between our open and flock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    line = f"{os.getpid()} {socket.gethostname()}\n".encode()
+    os.pwrite(fd, line, 0)
+    os.ftruncate(fd, len(line))
+    _held[key] = fd
+    if created:
+        _created.add(key)
+    return None
+
+
+def release(output_dir: Path) -> None:
+    """Give ``output_dir``'s lock back (a refused or finished run); its file goes too when this
+    process created it, so a refused run leaves the folder as it found it. Removed while still
+    locked, which :func:`claim`'s inode check makes safe."""
+    key = str(Path(output_dir).resolve())
+    fd = _held.pop(key, None)
+    if fd is None:
+        return
+    if key in _created:
+        _created.discard(key)
+        try:
+            os.unlink(Path(output_dir) / LOCK_FILE)
+        except FileNotFoundError:
+            pass
+    os.close(fd)
+
+
+def _holder(fd: int) -> list[str]:
+    """``[PID, host]`` from a held lock file. Its holder writes them right after taking the
+    lock: until then the file is empty or names the run before it (a dead PID), so look again
+    for up to a second."""
+    import time
+
+    words: list[str] = []
+    for _ in range(20):
+        words = os.pread(fd, 256, 0).decode(errors="replace").split()
+        if len(words) >= 2 and words[0].isdigit():
+            if words[1] != socket.gethostname():
+                return words[:2]
+            try:
+                os.kill(int(words[0]), 0)
+                return words[:2]
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, another user's
+                return words[:2]
+        time.sleep(0.05)
+    return words[:2]
 
 
 def run_files(output_dir: Path) -> list[str]:
