@@ -125,6 +125,7 @@ class PolicyUpdate:
                 logp = forward[0][sel.to(self.device)]
                 ent = forward[1][sel.to(self.device)] if with_entropy else None
             else:
+                _begin_micro_batch(actor)
                 logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
                                               with_entropy=with_entropy, lockstep=self.lockstep,
                                               fused_linear=cfg.actor.fused_linear)
@@ -159,7 +160,19 @@ class PolicyUpdate:
     def _zero_backward(self) -> None:
         """A backward pass through the whole model that adds nothing to any gradient."""
         mb = filler_batch(self.device, self.pad_token_id)
+        _begin_micro_batch(self.models.actor)
         logp, _ = response_logprobs(self.models.actor.module, mb, self.cfg.rollout.temperature,
                                     with_entropy=False, lockstep=self.lockstep,
                                     fused_linear=self.cfg.actor.fused_linear)
         self.models.actor.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+
+
+def _begin_micro_batch(actor) -> None:
+    """Before a forward that will be backpropagated, what DeepSpeed's ``engine.forward`` does
+    first and calling ``actor.module`` (as scoring does) skips: ZeRO-3 counts a step's backward
+    passes there, and its first backward writes the gradient partitions where later ones add
+    to them, so without this each backward replaced the last one's gradient (ZeRO-1/2 reset
+    hook counters there). The scoring forward the update reuses is a step's first: no call."""
+    reset = getattr(actor.optimizer, "clear_backward_seen_flag", None)
+    if reset is not None:
+        reset()
