@@ -55,9 +55,17 @@ def unavailable() -> str | None:
         return "network namespaces need root (ip netns add)"
     if shutil.which("ip") is None:
         return "iproute2's `ip` is not installed"
-    probe = _ip("netns", "list", check=False)
-    if probe.returncode != 0:
-        return f"`ip netns` is unavailable: {probe.stderr.strip()}"
+    # Root in a container may still lack CAP_SYS_ADMIN or veth: try both, in a throw-away
+    # namespace (its veth goes with it).
+    probe = f"{_PREFIX}-{os.getpid()}-{next(_counter)}-h0"
+    try:
+        for args in (["netns", "add", probe],
+                     ["-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]):
+            done = _ip(*args, check=False)
+            if done.returncode != 0:
+                return f"`ip {' '.join(args)}` failed: {done.stderr.strip()}"
+    finally:
+        _ip("netns", "del", probe, check=False)
     return None
 
 
