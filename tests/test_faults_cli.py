@@ -173,3 +173,17 @@ def test_train_example_refuses_another_runs_folder_in_one_line(tmp_path):
                 "--train-size", "8", "--val-size", "2"], cwd=tmp_path)
     line = one_error_line(proc, "train_icpo.py")
     assert "holds another run" in line and "--overwrite" in line, line
+
+
+def test_python_m_arithmetic_answers_like_icpo_data(tmp_path):
+    """The task's own ``python -m`` tool: the same checks, the same one-line errors."""
+    out = tmp_path / "d"
+    tool = ["-m", "icpo.tasks.arithmetic", "--out", str(out), "--train", "3", "--val", "2"]
+    assert run(tool).returncode == 0
+    (out / "val.jsonl").write_text("mine\n")
+    line = one_error_line(run(tool), "python -m icpo.tasks.arithmetic")
+    assert "already exist" in line and "--overwrite" in line
+    assert (out / "val.jsonl").read_text() == "mine\n"
+    line = one_error_line(run([*tool, "--min-ops", "0"]), "python -m icpo.tasks.arithmetic")
+    assert "min_ops" in line
+    assert run([*tool, "--overwrite"]).returncode == 0

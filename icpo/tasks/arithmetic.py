@@ -288,17 +288,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val", type=int, default=512, help="number of held-out val problems")
     p.add_argument("--test", type=int, default=0,
                    help="number of held-out test problems (0 = none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace .jsonl files already in --out (else refused)")
     default = Difficulty()
     for field, value in asdict(default).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
-    d = Difficulty(**{f: getattr(args, f) for f in asdict(default)})
-    for split, n in (("train", args.train), ("val", args.val), ("test", args.test)):
-        if n:
-            path = os.path.join(args.out, f"{split}.jsonl")
-            write_jsonl(make_records(split, n, difficulty=d), path)
-            print(f"wrote {n} {split} records to {path}")
+    from icpo.errors import UserError, check_new_files, check_range
+
+    try:
+        d = Difficulty(**{f: getattr(args, f) for f in asdict(default)})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    splits = [("train", args.train), ("val", args.val), ("test", args.test)]
+    for split, n in splits:
+        check_range(f"--{split}", n, at_least=0, integer=True)
+    splits = [(s, n) for s, n in splits if n]
+    # As `icpo data make-arithmetic`: every check before the first write.
+    paths = check_new_files(args.out, [f"{s}.jsonl" for s, _ in splits], overwrite=args.overwrite)
+    for (split, n), path in zip(splits, paths):
+        write_jsonl(make_records(split, n, difficulty=d), path)
+        print(f"wrote {n} {split} records to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    from icpo.errors import run_main
+
+    raise SystemExit(run_main("python -m icpo.tasks.arithmetic", main))
