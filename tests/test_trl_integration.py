@@ -247,3 +247,38 @@ def test_confidence_reuses_trl_old_logps(tmp_path, one_thread):
     want = ops.icpo_advantages(confidence, t._rewards_all.sum(1), G, delta=0.5, tau=2.0,
                                omega=1.0, unbiased=True, eps=1e-4)
     torch.testing.assert_close(out["advantages"], want.advantages, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_config_goes_to_trl_unchanged(tmp_path, monkeypatch, one_thread):
+    """ICPOTrainer hands ``peft_config`` to GRPOTrainer as given; TRL wraps the model in PEFT
+    (only the adapters train, TRL's reference is the base with them off) and ICPO's advantages
+    are computed on that model. icpo's own trainer has model.lora_rank (docs/lora.md)."""
+    from peft import LoraConfig, PeftModel
+
+    received = {}
+    real_init = GRPOTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        received.update(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", spy)
+    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    args = config(ICPOConfig, tmp_path, omega_schedule="constant", omega_max=1.0,
+                  icpo_delta=0.5, beta=0.01)
+    tok, data = dataset(8)
+    t = ICPOTrainer(model=MODEL, reward_funcs=verifiable, args=args, train_dataset=data,
+                    processing_class=tok, peft_config=peft_config)
+    assert received["peft_config"] is peft_config
+    model = t.accelerator.unwrap_model(t.model)
+    assert isinstance(model, PeftModel) and t.ref_model is None  # TRL: adapters off for the KL
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    t.model.train()
+    t.current_gradient_accumulation_steps = 1
+    t.state.max_steps = 10
+    out = scored(t, [row for row in data.select(range(4)) for _ in range(G)])
+    want = ops.icpo_advantages(trl_confidence(t, out), t._rewards_all.sum(1), G, delta=0.5,
+                               tau=2.0, omega=1.0, unbiased=True, eps=1e-4)
+    torch.testing.assert_close(out["advantages"], want.advantages, rtol=1e-5, atol=1e-5)
