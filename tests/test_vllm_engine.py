@@ -163,6 +163,49 @@ def test_weight_sync_matches_trained_model(pair):
     assert eng.enable_sleep_mode == sleep_mode_supported()
 
 
+def test_lora_sync_generates_what_the_adapters_on_model_does(pair):
+    """LoRA (issue 19): after the adapters train, vLLM synced as the trainer syncs it
+    (``sync_from(..., parameters=iter_merged_parameters)``: W + B·A·alpha/r under the base
+    model's names) generates greedily what the HF engine generates from the PEFT model with its
+    adapters on, and scores like it within 1e-4; the merge leaves the trainer's weights as they
+    were. vLLM is put back on the plain model afterwards (the other tests compare with it)."""
+    import copy
+
+    from icpo.models.lora import apply_lora, iter_merged_parameters, trainable_parameters
+
+    model, eng = pair
+    torch.manual_seed(0)  # PEFT draws A from the global generator
+    peft = apply_lora(copy.deepcopy(model), 8, lora_alpha=16)
+    opt = torch.optim.AdamW(trainable_parameters(peft), lr=3e-2, weight_decay=0.0)
+    prompt, continuation = [5, 17, 33, 8, 90], [11, 250, 3, 77, 400, 12, 9, 31]
+    ids = torch.tensor([prompt + continuation])
+    peft.train()
+    for _ in range(3):  # raise the continuation's likelihood: the greedy outputs change
+        logits = peft(ids).logits[0, len(prompt) - 1:-1]
+        loss = -logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peft.eval()
+    live = {n: p.detach().clone() for n, p in peft.named_parameters()}
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
+    want = hf(peft).generate(PROMPTS, params)
+    assert want.response_ids != hf(model).generate(PROMPTS, params).response_ids
+    try:
+        eng.sleep()
+        eng.sync_from(peft, 0, parameters=iter_merged_parameters)
+        assert eng.generate(PROMPTS, params).response_ids == want.response_ids
+        diff = (vllm_logprobs(eng, prompt, continuation)
+                - hf_logprobs(peft, prompt, continuation)).abs().max()
+        assert diff < TOL, diff
+        assert all(torch.equal(p, live[n]) for n, p in peft.named_parameters())
+    finally:
+        eng.sleep()
+        eng.load_weights(iter_full_parameters(model))
+    plain = hf(model).generate(PROMPTS, params).response_ids
+    assert eng.generate(PROMPTS, params).response_ids == plain
+
+
 def test_seeded_sampling_reproducible(pair):
     _, eng = pair
     params = SamplingParams(n=4, temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=16, seed=7)
