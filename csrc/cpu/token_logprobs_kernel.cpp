@@ -135,17 +135,25 @@ RowStats<at::opmath_type<scalar_t>> row_forward(const scalar_t* x, int64_t V,
       }
       m = bm;
     }
-    // Sweep 2 (block now in L1): one exp per element.
+    // Sweep 2 (block now in L1): one exp per element, summed per block first and then into the
+    // row's totals. Summed straight into the totals, the terms of a lane that already holds the
+    // max's exp(0) = 1 are absorbed: at V = 151936 with one dominant logit, ~4700 terms of ~1e-8
+    // each fell below half an ulp of 1 and lse came out 2.8e-5 low (15 ulps).
     const Vec vm(m);
+    Vec bs0(acc_t(0)), bs1(acc_t(0)), bw0(acc_t(0)), bw1(acc_t(0));
     for (int64_t i = 0; i < nv; i += IO::kStep) {
       IO::load(xb + i, a, b);
       const Vec ua = at::vec::fmsub(a, vinv, vm), ub = at::vec::fmsub(b, vinv, vm);
       const Vec ea = vexp(ua), eb = vexp(ub);
-      vs0 = vs0 + ea;
-      vs1 = vs1 + eb;
-      vw0 = at::vec::fmadd(ea, ua, vw0);
-      vw1 = at::vec::fmadd(eb, ub, vw1);
+      bs0 = bs0 + ea;
+      bs1 = bs1 + eb;
+      bw0 = at::vec::fmadd(ea, ua, bw0);
+      bw1 = at::vec::fmadd(eb, ub, bw1);
     }
+    vs0 = vs0 + bs0;
+    vs1 = vs1 + bs1;
+    vw0 = vw0 + bw0;
+    vw1 = vw1 + bw1;
     for (int64_t i = nv; i < n; ++i) {
       const acc_t u = static_cast<acc_t>(xb[i]) * inv_t - m;
       const acc_t e = std::exp(u);
