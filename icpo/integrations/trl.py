@@ -6,8 +6,9 @@ After TRL generates and scores a batch, the trainer
 
 1. takes the log-probs of the completions under the policy that sampled them, at the sampling
    temperature: TRL's ``old_per_token_logps`` when TRL computed them, else vLLM's
-   ``sampling_per_token_logps`` when all finite, else one no-grad forward scored by
-   :func:`icpo.ops.token_logprobs`;
+   ``sampling_per_token_logps`` when all finite, else one no-grad forward whose LM head runs
+   at the completion positions only, through :func:`icpo.ops.linear_token_logprobs` (no
+   logits) where it is a plain linear layer;
 2. confidence = :func:`icpo.ops.segment_mean` of them per completion (docs/algorithm.md step 3);
 3. gathers confidences and rewards from all processes (TRL normalizes over the whole batch),
    computes :func:`icpo.ops.icpo_advantages` with TRL's conventions (Bessel std, eps 1e-4,
@@ -31,6 +32,7 @@ import torch
 
 from icpo import ops
 from icpo.algorithms import SCHEDULES, compute_advantages, default_delta, omega_at
+from icpo.trainer.scoring import decoder_body, lm_head_logprobs
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
 
@@ -164,7 +166,14 @@ class ICPOTrainer(GRPOTrainer):
         return conf
 
     def _sampling_logps(self, out) -> torch.Tensor:
-        """Completion-token log-probs ``[B, C]`` from the current (= sampling) model."""
+        """Completion-token log-probs ``[B, C]`` from the current (= sampling) model: its
+        decoder body, then the LM head at the completion positions only, through
+        ``icpo.ops.linear_token_logprobs`` where the head is a plain linear layer (no
+        ``[B, C, V]`` logits; icpo.trainer.scoring.lm_head_logprobs)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if callable(getattr(model, "get_base_model", None)):  # PEFT: adapters stay active
+            model = model.get_base_model()
+        body, head = decoder_body(model), model.get_output_embeddings()
         prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attn = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
@@ -173,9 +182,11 @@ class ICPOTrainer(GRPOTrainer):
         chunk = self.args.per_device_train_batch_size
         rows = []
         for s in range(0, ids.size(0), chunk):
-            logits = self.model(input_ids=ids[s:s + chunk], attention_mask=attn[s:s + chunk]).logits
-            logp, _ = ops.token_logprobs(logits[:, -C - 1:-1], labels[s:s + chunk],
-                                         temperature=self.temperature, return_entropy=False)
+            hidden = body(input_ids=ids[s:s + chunk], attention_mask=attn[s:s + chunk],
+                          use_cache=False).last_hidden_state[:, -C - 1:-1]
+            # cast_lm_head_to_fp32 keeps the head in fp32 under a bf16 body
+            logp, _ = lm_head_logprobs(model, hidden.to(head.weight.dtype), labels[s:s + chunk],
+                                       self.temperature, with_entropy=False)
             rows.append(logp)
         return torch.cat(rows)
 

@@ -141,6 +141,25 @@ def _head_logprobs(model: torch.nn.Module, head: torch.nn.Module, scored: torch.
         del head.forward
 
 
+def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a transformers causal LM: what gives :func:`lm_head_logprobs` its
+    hidden states."""
+    return _body_and_head(model)[0]
+
+
+def lm_head_logprobs(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                     temperature: float, with_entropy: bool = True,
+                     fused_linear: FusedLinear = "auto",
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) of ``labels`` (-100: ignored) from ``model``'s last hidden states
+    ``hidden`` (``[T, H]`` or ``[B, L, H]``) through its LM head, as its own forward applies
+    it: the fused op when :func:`use_fused_linear` says so. For code that runs
+    :func:`decoder_body` itself (icpo.integrations.trl)."""
+    fused = use_fused_linear(model, fused_linear, temperature)
+    return _head_logprobs(model, _body_and_head(model)[1], hidden, labels, temperature,
+                          with_entropy, fused)
+
+
 def response_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float,
                       with_entropy: bool = True, share_prefix: bool = True,
                       lockstep: bool = False, fused_linear: FusedLinear = "auto",
