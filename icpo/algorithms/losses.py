@@ -99,8 +99,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
 
 
 def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token-mean",
-              max_response_length: int | None = None, *, global_tokens: int | None = None,
-              global_seqs: int | None = None, num_micro_batches: int | None = None) -> torch.Tensor:
+              max_response_length: int | None = None, *, global_tokens: float | None = None,
+              global_seqs: int | None = None, num_micro_batches: int | None = None,
+              token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-token values ``[T]`` to a scalar (differentiable). With S the token sum of all
     responses, s_i / n_i response i's token sum / count, L = ``max_response_length``,
     N = ``global_tokens`` (default T), B = ``global_seqs`` (default this call's responses):
@@ -112,12 +113,22 @@ def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token
       L = ``max_completion_length``): S / (B * L). (verl 0.8 divided by L only: docs/compat.md.)
     - ``bnpo`` (TRL): (S / T) / ``num_micro_batches`` -- this call's own token mean, so the
       mini-batch value is the mean of its micro-batches' token means (TRL's definition).
+
+    ``token_weights`` (float ``[T]``, no gradient; ``actor.mask_truncated``'s 0/1 per response):
+    TRL's ``completion_mask``. Every value is multiplied by its weight, and the token counts
+    become weighted counts clamped to >= 1 as TRL clamps them: T in ``bnpo``, n_i in
+    ``seq-mean-token-mean``, and N's default (pass the weighted mini-batch total as
+    ``global_tokens``). The response count B still counts every response.
     """
-    T = _check_tokens(values=values)
+    T = _check_tokens(values=values, token_weights=token_weights)
     check_packed(cu_seqlens, T)
     if mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {mode!r}")
     num_seqs = cu_seqlens.numel() - 1
+    if token_weights is not None:
+        return _weighted_aggregate(values, cu_seqlens, mode, max_response_length,
+                                   token_weights.detach().to(values.dtype), global_tokens,
+                                   global_seqs, num_micro_batches)
     if mode in ("token-mean", "dapo"):
         return values.sum() / _positive("global_tokens", global_tokens, T)
     if mode == "bnpo":
@@ -133,6 +144,28 @@ def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token
     return ops.segment_mean(values, cu_seqlens).sum() / denom
 
 
+def _weighted_aggregate(values, cu_seqlens, mode, max_response_length, w, global_tokens,
+                        global_seqs, num_micro_batches) -> torch.Tensor:
+    """:func:`aggregate` with TRL's ``completion_mask`` arithmetic (its docstring)."""
+    num_seqs = cu_seqlens.numel() - 1
+    weighted = values * w
+    if mode in ("token-mean", "dapo"):
+        return weighted.sum() / _positive("global_tokens", global_tokens,
+                                          w.sum().clamp(min=1.0))
+    if mode == "bnpo":
+        return (weighted.sum() / w.sum().clamp(min=1.0)
+                / _positive("num_micro_batches", num_micro_batches, 1))
+    if mode in ("seq-mean-token-mean", "grpo"):
+        # s_i / max(n_i^w, 1) as mean(v w) / max(mean(w), 1 / n_i): no segment sum needed
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(values.dtype)
+        seq = ops.segment_mean(weighted, cu_seqlens) / torch.maximum(
+            ops.segment_mean(w, cu_seqlens), 1.0 / lengths)
+        return seq.sum() / _positive("global_seqs", global_seqs, num_seqs)
+    # the token-sum modes: the weights are all they change
+    return aggregate(weighted, cu_seqlens, mode, max_response_length, global_tokens=global_tokens,
+                     global_seqs=global_seqs, num_micro_batches=num_micro_batches)
+
+
 def _positive(name: str, value: int | None, default: int) -> int:
     if value is None:
         return default
@@ -146,7 +179,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 agg_mode: str = "token-mean", max_response_length: int | None = None, *,
                 global_tokens: int | None = None, global_seqs: int | None = None,
                 num_micro_batches: int | None = None, clip_ratio_c: float | None = None,
-                importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+                importance_sampling_level: str = "token",
+                rollout_is_weights: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with separate low/high clip ("clip-higher" when clip_high > clip_low).
 
     Per token: ``-min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A)``, aggregated by
@@ -158,6 +193,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     - ``clip_ratio_c`` (verl's dual-clip, arXiv 1912.09729; None = off): where A < 0 the
       per-token loss is capped at ``-A * clip_ratio_c`` (> 1).
 
+    - ``rollout_is_weights`` (float ``[T]``, detached; None = off): rollout correction
+      (``icpo.algorithms.rollout_correction.rollout_is_weights``), multiplying the per-token
+      loss after dual-clip and before aggregation, as verl and TRL place it
+      (``rollout_correction.apply_rollout_is``, not imported: that module imports this one).
+    - ``token_weights``: see :func:`aggregate` (``actor.mask_truncated``).
+
     Log-ratios are clamped to +-20 before exp (as verl; TRL does not clamp: equal unless a
     token's log-ratio exceeds 20).
 
@@ -166,7 +207,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     old_logp - logp), ``ratio_mean``, and with dual-clip ``clipfrac_lower`` (share of tokens
     where the cap is active).
     """
-    T = _check_tokens(logp=logp, old_logp=old_logp, advantages=advantages)
+    T = _check_tokens(logp=logp, old_logp=old_logp, advantages=advantages,
+                      rollout_is_weights=rollout_is_weights)
     check_packed(cu_seqlens, T)
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
@@ -190,9 +232,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         cap = -adv * clip_ratio_c
         capped = (adv < 0) & (per_token > cap)
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if rollout_is_weights is not None:
+        per_token = per_token * rollout_is_weights.detach().to(per_token.dtype)
     loss = aggregate(per_token, cu_seqlens, agg_mode, max_response_length,
                      global_tokens=global_tokens, global_seqs=global_seqs,
-                     num_micro_batches=num_micro_batches)
+                     num_micro_batches=num_micro_batches, token_weights=token_weights)
     with torch.no_grad():
         stats = {
             "clipfrac": (clipped < unclipped).float().mean().item(),
@@ -207,8 +251,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               entropy: torch.Tensor | None, advantages: torch.Tensor, cu_seqlens: torch.Tensor,
               actor_cfg: Any, max_response_length: int | None = None, *,
-              global_tokens: int | None = None, global_seqs: int | None = None,
-              num_micro_batches: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              global_tokens: float | None = None, global_seqs: int | None = None,
+              num_micro_batches: int | None = None, rollout_is_weights: torch.Tensor | None = None,
+              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Full actor loss: policy loss + kl_coef * agg(KL to ref) - entropy_coef * agg'(entropy).
 
     Args:
@@ -223,6 +268,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             whatever the loss type), else ``loss_agg_mode`` (verl).
         global_tokens, global_seqs, num_micro_batches: mini-batch totals; see the module
             docstring.
+        rollout_is_weights: rollout-correction weights ``[T]`` on the policy-gradient term only
+            (:func:`policy_loss`); the KL and entropy terms stay unweighted, as in verl and TRL.
+        token_weights: per-token weights ``[T]`` of all three terms (``actor.mask_truncated``,
+            :func:`aggregate`); the metrics below stay means over all tokens.
 
     Returns ``(loss, metrics)``. Metrics ending in ``_loss`` are this call's share of the
     mini-batch value (they sum over micro-batches like the loss); the others (``clipfrac``,
@@ -232,11 +281,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     mode = actor_cfg.loss_agg_mode
     totals = dict(global_tokens=global_tokens, global_seqs=global_seqs,
                   num_micro_batches=num_micro_batches)
-    agg = dict(mode=mode, max_response_length=max_response_length, **totals)
+    agg = dict(mode=mode, max_response_length=max_response_length, **totals,
+               token_weights=token_weights)
     loss, stats = policy_loss(
         logp, old_logp, advantages, cu_seqlens, actor_cfg.clip_low, actor_cfg.clip_high, mode,
         max_response_length, **totals, clip_ratio_c=getattr(actor_cfg, "clip_ratio_c", None),
-        importance_sampling_level=getattr(actor_cfg, "importance_sampling_level", "token"))
+        importance_sampling_level=getattr(actor_cfg, "importance_sampling_level", "token"),
+        rollout_is_weights=rollout_is_weights, token_weights=token_weights)
     metrics = {"pg_loss": loss.item(), **stats, "num_tokens": float(logp.numel()),
                "num_seqs": float(cu_seqlens.numel() - 1)}
     if actor_cfg.kl_coef > 0:

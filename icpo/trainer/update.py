@@ -48,6 +48,12 @@ class ScoredRollout:
     forward: tuple[torch.Tensor, torch.Tensor | None] | None = None
     """``(log-prob, entropy)`` ``[T]`` with grad, on the training device, when the scoring pass
     ran the update's only forward (:meth:`PolicyUpdate.scoring_plan`); else None."""
+    rollout_is_weights: torch.Tensor | None = None
+    """fp32 ``[T]`` rollout-correction weights on the policy-gradient term
+    (``algorithm.rollout_correction``), or None."""
+    token_weights: torch.Tensor | None = None
+    """fp32 ``[T]`` loss weight of each token (0 on responses ``actor.mask_truncated`` masks),
+    or None (all 1)."""
 
 
 class PolicyUpdate:
@@ -106,8 +112,14 @@ class PolicyUpdate:
         cfg, actor, ro = self.cfg, self.models.actor, scored.samples
         cu, offsets = scored.resp_cu, scored.resp_cu.tolist()
         forward = scored.forward if reuse else None
-        local = torch.tensor([sum(offsets[i + 1] - offsets[i] for i in idx), len(idx)])
-        global_tokens, global_seqs = (dist.all_reduce_sum(local) / self.world).tolist()
+        if scored.token_weights is None:
+            tokens = sum(offsets[i + 1] - offsets[i] for i in idx)
+        else:  # token-mean's N counts the weighted tokens, clamped >= 1 as TRL clamps it
+            tokens = float(scored.token_weights[segment_positions(cu, idx)].double().sum())
+        total_tokens, total_seqs = dist.all_reduce_sum(torch.tensor([tokens, len(idx)])).tolist()
+        if scored.token_weights is not None:
+            total_tokens = max(total_tokens, 1.0)
+        global_tokens, global_seqs = total_tokens / self.world, total_seqs / self.world
         sums: dict[str, float] = {}
         batches = micro_batches(ro.prompt_ids, ro.response_ids, idx,
                                 cfg.actor.max_tokens_per_micro_batch)
@@ -129,11 +141,14 @@ class PolicyUpdate:
                 logp, ent = response_logprobs(actor.module, mb, cfg.rollout.temperature,
                                               with_entropy=with_entropy, lockstep=self.lockstep,
                                               fused_linear=cfg.actor.fused_linear)
-            old, ref, adv = (None if t is None else t[sel].to(self.device)
-                             for t in (scored.old_logp, scored.ref_logp, scored.advantages))
+            old, ref, adv, is_w, tok_w = (
+                None if t is None else t[sel].to(self.device)
+                for t in (scored.old_logp, scored.ref_logp, scored.advantages,
+                          scored.rollout_is_weights, scored.token_weights))
             loss, m = grpo_loss(logp, old, ref, ent, adv, mb.resp_cu_seqlens, cfg.actor,
                                 cfg.rollout.max_response_length, global_tokens=global_tokens,
-                                global_seqs=global_seqs, num_micro_batches=len(batches))
+                                global_seqs=global_seqs, num_micro_batches=len(batches),
+                                rollout_is_weights=is_w, token_weights=tok_w)
             bad_loss = bad_loss or not bool(torch.isfinite(loss.detach()))
             actor.backward(loss, scale_wrt_gas=False)
             # "_loss" metrics are shares that sum to the mini-batch value; the rest are token
