@@ -261,13 +261,14 @@ def test_build_requests():
     prompts, kwargs = build_requests([[1, 2], [3]], params, stop_token_ids=EOS)
     assert prompts == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
     assert kwargs[0] == dict(n=3, temperature=0.8, top_p=0.9, top_k=0, max_tokens=20, seed=10,
-                             stop_token_ids=EOS, detokenize=False)
+                             stop_token_ids=EOS, detokenize=False, logprobs=0)
     assert kwargs[1]["seed"] == 13
     # vLLM gives child i of a request seed + i: every sample must get its own stream
     child_seeds = [kw["seed"] + i for kw in kwargs for i in range(kw["n"])]
     assert len(set(child_seeds)) == 6
     greedy = build_requests([[1]], SamplingParams(temperature=0.0, top_p=0.5, top_k=4))[1][0]
-    assert [greedy[k] for k in ("temperature", "top_p", "top_k", "seed")] == [0.0, 1.0, 0, None]
+    assert [greedy[k] for k in ("temperature", "top_p", "top_k", "seed", "logprobs")] == [
+        0.0, 1.0, 0, None, None]
     assert build_requests([[1]], SamplingParams(top_k=7))[1][0]["top_k"] == 7
     with pytest.raises(ValueError, match="empty"):
         build_requests([[]], params)

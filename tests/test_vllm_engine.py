@@ -242,3 +242,35 @@ def test_stop_tokens_and_length_caps(pair):
             assert reason == "stop" or len(resp) == cap
     assert ours.finish_reasons[0] == "length"  # stop sits at index 3, past the 2-token cap
     assert "stop" in stopping.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=24)).finish_reasons
+
+
+@pytest.mark.parametrize("engine_temperature", [0.8, 1.3])
+def test_sampling_logprobs_equal_the_trainers_old_logprobs(pair, engine_temperature):
+    """Rollout correction's inputs (issue 19): vLLM's per-token sampling log-probs
+    (``logprobs=0``, processed) equal the trainer's old log-probs (``score_all``, fp32, the
+    same temperature) within 1e-4, so the mismatch metric is ~0 and the TIS weights are 1.
+    Scored at another temperature than vLLM sampled at, the weights are exp(log pi_old -
+    log pi_rollout) of the two temperatures' log-softmax, as the formula says."""
+    from icpo.algorithms.rollout_correction import rollout_is_weights, rollout_mismatch_metrics
+    from icpo.trainer.batching import micro_batches
+    from icpo.trainer.scoring import score_all
+
+    model, eng = pair
+    params = SamplingParams(n=3, temperature=engine_temperature, max_new_tokens=16, seed=5)
+    ro = eng.generate(PROMPTS, params)
+    assert ro.rollout_logprobs is not None
+    assert [len(lp) for lp in ro.rollout_logprobs] == [len(r) for r in ro.response_ids]
+    rollout = torch.tensor([x for lp in ro.rollout_logprobs for x in lp], dtype=torch.float32)
+    cu = torch.tensor([0] + [len(r) for r in ro.response_ids]).cumsum(0)
+    batches = micro_batches(ro.prompt_ids, ro.response_ids, list(range(len(ro))), 4096)
+    old, _ = score_all(model, batches, engine_temperature, with_entropy=False)
+    assert (old - rollout).abs().max() < TOL, (old - rollout).abs().max()
+    m = rollout_mismatch_metrics(old, rollout, cu, "token", 2.0)
+    assert m["rollout_corr/logp_abs_diff_max"] < TOL
+    assert (rollout_is_weights(old, rollout, cu, "token") - 1).abs().max() < TOL
+    # the trainer scores at 1.0 while vLLM sampled at engine_temperature
+    trainer_old, _ = score_all(model, batches, 1.0, with_entropy=False)
+    w = rollout_is_weights(trainer_old, rollout, cu, "token", 2.0)
+    expected = torch.exp(trainer_old.double() - rollout.double()).clamp(max=2.0)
+    assert (w.double() - expected).abs().max() < 1e-4
+    assert (w - 1).abs().max() > 1e-2  # the mismatch is seen

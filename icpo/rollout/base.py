@@ -2,7 +2,10 @@
 
 Every engine returns the ``n`` samples of a prompt consecutively (prompt j's samples are rows
 ``j*n ... j*n + n - 1``), each response cut right after its first EOS token (the EOS kept),
-with finish reason ``"stop"`` (ended by EOS) or ``"length"`` (hit ``max_new_tokens``).
+with finish reason ``"stop"`` (ended by EOS) or ``"length"`` (hit ``max_new_tokens``), and,
+when it samples (temperature > 0), the log-prob of every response token under the
+distribution it was drawn from (``rollout_logprobs``: what rollout correction compares the
+trainer's log-probs with).
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ class RolloutBatch:
     records: list[Any] | None = None
     """What each sample answers (its dataset record, for the reward); engines leave it None and
     the trainer sets it."""
+    rollout_logprobs: list[list[float]] | None = None
+    """Per response, the engine's log-prob of each of its tokens as sampled: temperature
+    applied and renormalized over what top-k / top-p kept (vLLM's ``processed_logprobs``);
+    None when the engine gives none (greedy decoding, HF ``generate``)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Engine-specific per-call information (e.g. timings); never needed for training."""
 
@@ -99,6 +106,12 @@ class RolloutBatch:
         bad = set(self.finish_reasons) - set(FINISH_REASONS)
         if bad:
             raise ValueError(f"finish_reasons must be in {FINISH_REASONS}, got {sorted(bad)}")
+        if self.rollout_logprobs is not None:
+            wrong = [i for i, (lp, r) in enumerate(zip(self.rollout_logprobs, self.response_ids))
+                     if len(lp) != len(r)]
+            if wrong:
+                raise ValueError(f"rollout_logprobs must hold one value per response token; "
+                                 f"samples {wrong[:8]} differ")
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -111,6 +124,21 @@ class RolloutBatch:
         """The samples ``rows``, in that order, as a batch of their own."""
         picked = {name: [getattr(self, name)[i] for i in rows] for name in self._per_sample()}
         return replace(self, **picked, extras=dict(self.extras))
+
+    @classmethod
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """The samples of ``batches``, in order, as one batch; a per-sample field is kept when
+        every batch has it (else None), ``extras`` are the first batch's."""
+        if not batches:
+            raise ValueError("RolloutBatch.concat needs at least one batch")
+        joined = {}
+        for f in fields(cls):
+            if f.name == "extras":
+                continue
+            parts = [getattr(b, f.name) for b in batches]
+            joined[f.name] = (None if any(p is None for p in parts)
+                              else [x for p in parts for x in p])
+        return cls(**joined, extras=dict(batches[0].extras))
 
 
 def truncate_at_eos(tokens: Sequence[int], eos_ids: Iterable[int],

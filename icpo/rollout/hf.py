@@ -10,8 +10,9 @@ model's forward and a transformers ``DynamicCache``: each distinct prompt is pre
 its cache repeated for its ``n`` samples, and rows that finished are dropped from the batch
 (and the cache) as they accumulate, so late steps run only the rows still writing. Same
 distribution as ``generate`` (temperature, then top-k, then top-p, as transformers' warpers
-apply them; one uniform number per row, see :mod:`icpo.rollout.sampling`). Any other model
-goes through ``model.generate``.
+apply them; one uniform number per row, see :mod:`icpo.rollout.sampling`), which also gives
+each sampled token's log-prob under that distribution (``RolloutBatch.rollout_logprobs``). Any
+other model goes through ``model.generate``, which gives no log-probs.
 """
 
 from __future__ import annotations
@@ -81,26 +82,35 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         prompts, responses, reasons = [], [], []
+        logprobs: list[list[float]] | None = [] if self.gives_logprobs(params) else None
         try:
             with torch.no_grad(), self._gathered(), self._seeded(params.seed):
                 for start in range(0, len(prompt_ids), self.batch_size):
                     chunk = [list(p) for p in prompt_ids[start:start + self.batch_size]]
                     rows = [p for p in chunk for _ in range(params.n)]
+                    sampled_logp = None
                     if self.decoder == "icpo":
-                        sampled = self._decode(chunk, params)
+                        sampled, sampled_logp = self._decode(chunk, params)
                     else:
                         sampled = self._generate_rows(rows, params)
-                    for row, generated in zip(rows, sampled):
+                    for i, (row, generated) in enumerate(zip(rows, sampled)):
                         response, reason = truncate_at_eos(generated, self.eos_token_ids,
                                                            params.max_new_tokens)
                         prompts.append(row)
                         responses.append(response)
                         reasons.append(reason)
+                        if logprobs is not None:
+                            logprobs.append(sampled_logp[i][:len(response)])
                     if self.on_batch is not None:
                         self.on_batch(len(chunk))
         finally:
             self.model.train(was_training)
-        return RolloutBatch(prompts, responses, reasons)
+        return RolloutBatch(prompts, responses, reasons, rollout_logprobs=logprobs)
+
+    def gives_logprobs(self, params: SamplingParams) -> bool:
+        """Whether :meth:`generate` returns sampling log-probs for ``params``: when it samples
+        (not greedy) with its own decoder (not ``model.generate``)."""
+        return not params.greedy and self.decoder == "icpo"
 
     @property
     def decoder(self) -> str:
@@ -110,9 +120,11 @@ class HFRolloutEngine(RolloutEngine):
             return self._decoder
         return "icpo" if kv_cache_shareable(self.model.config) else "generate"
 
-    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _decode(self, prompts: list[list[int]], params: SamplingParams
+                ) -> tuple[list[list[int]], list[list[float]] | None]:
         """``params.n`` samples of each prompt (rows grouped by prompt): the tokens each row
-        generated, up to and including its first EOS or ``max_new_tokens`` of them."""
+        generated, up to and including its first EOS or ``max_new_tokens`` of them, and their
+        log-probs under the distribution each was drawn from (None when greedy)."""
         from transformers import DynamicCache
 
         model, n = self.model, params.n
@@ -134,6 +146,7 @@ class HFRolloutEngine(RolloutEngine):
         pos = as_long([len(p) for p in prompts]).repeat_interleave(n)  # next token's position
         num_rows, steps = len(prompts) * n, params.max_new_tokens
         tokens = torch.full((num_rows, steps), self.pad_token_id, dtype=torch.long, device=device)
+        token_logp = torch.zeros((num_rows, steps), dtype=torch.float32, device=device)
         lengths = torch.full((num_rows,), steps, dtype=torch.long, device=device)
         rows = torch.arange(num_rows, device=device)  # the output row of each batch row
         alive = torch.ones(num_rows, dtype=torch.bool, device=device)
@@ -141,8 +154,10 @@ class HFRolloutEngine(RolloutEngine):
         # 2. Decode. A finished row stays in the batch (its samples ignored) until a quarter of
         #    the batch has finished; then all finished rows leave it, cache rows included.
         for t in range(steps):
-            nxt = sample_next(logits, params)
+            nxt, logp = sample_next(logits, params, with_logprobs=True)
             tokens[rows[alive], t] = nxt[alive]
+            if logp is not None:
+                token_logp[rows[alive], t] = logp[alive]
             ended = alive & torch.isin(nxt, eos)
             lengths[rows[ended]] = t + 1
             alive &= ~ended
@@ -159,7 +174,10 @@ class HFRolloutEngine(RolloutEngine):
             logits = out.logits[:, -1]
             pos = pos + 1
         lengths = lengths.tolist()
-        return [row[:k] for row, k in zip(tokens.tolist(), lengths)]
+        sampled = [row[:k] for row, k in zip(tokens.tolist(), lengths)]
+        if params.greedy:
+            return sampled, None
+        return sampled, [row[:k] for row, k in zip(token_logp.tolist(), lengths)]
 
     def _generate_rows(self, rows: Sequence[Sequence[int]],
                        params: SamplingParams) -> list[list[int]]:

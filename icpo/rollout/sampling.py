@@ -29,13 +29,20 @@ _NON_FINITE = "sampling: the model produced NaN or inf logits"
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, *, with_logprobs: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of ``logits`` ``[b, V]``: argmax when greedy, else a draw from
     softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and then to the
     smallest set holding ``top_p`` of the mass (transformers' TopK / TopP warpers' rules).
-    Random numbers come from ``generator`` (torch's default generator when None)."""
+    Random numbers come from ``generator`` (torch's default generator when None).
+
+    ``with_logprobs``: return ``(tokens, logprobs)``, the fp32 ``[b]`` log-probability of each
+    drawn token under the distribution it was drawn from (temperature applied, renormalized
+    over what top-k / top-p kept: vLLM's ``processed_logprobs``); None when greedy. The draws
+    are the same either way."""
     if params.greedy:
-        return logits.float().argmax(dim=-1)
+        tokens = logits.float().argmax(dim=-1)
+        return (tokens, None) if with_logprobs else tokens
     # softmax(x / T) = exp((x - max x) / T) / mass, and the draw divides by the row mass itself:
     # one [b, V] buffer, written in place, carries everything (each fresh multi-MB buffer costs
     # its page faults). NaN or +inf logits, or a row of -inf, make the whole row NaN here, which
@@ -54,7 +61,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
         drop = mass <= 1.0 - params.top_p
         drop[:, -1] = False  # the most likely token always stays
         scaled.scatter_(-1, order, ascending.masked_fill(drop, float("-inf")))
-    return sample_categorical(scaled.exp_(), generator)
+    probs = scaled.exp_()
+    if not with_logprobs:
+        return sample_categorical(probs, generator)
+    tokens, total = _draw(probs, generator, BLOCK)
+    # log p = log(exp(x_tok - max)) - log(row mass): the mass is the draw's own fp64 sum
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    logp = probs[rows, tokens].double().log() - total.log()
+    return tokens, logp.float()
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -64,17 +78,25 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
     Raises ValueError when a row holds NaN or inf or sums to zero.
     """
+    return _draw(probs, generator, block)[0]
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, block: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_categorical`'s draw and each row's mass (fp64 ``[b]``)."""
     if probs.dim() != 2 or probs.shape[1] == 0:
         raise ValueError(f"probs: expected [batch, vocab] with vocab >= 1, "
                          f"got {tuple(probs.shape)}")
     uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device,
                           generator=generator)
-    return inverse_cdf(probs, uniforms, block=block)
+    return inverse_cdf(probs, uniforms, block=block, return_total=True)
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, *, block: int = BLOCK,
+                return_total: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The index ``j`` of each row with ``cdf[j-1] <= u * total < cdf[j]``, for ``uniforms``
-    ``[b]`` fp64 in [0, 1); an entry of probability 0 is never returned."""
+    ``[b]`` fp64 in [0, 1); an entry of probability 0 is never returned. ``return_total``:
+    also each row's mass ``total`` (fp64 ``[b]``, the sum of fp32 block sums)."""
     b, vocab = probs.shape
     full = vocab // block
     masses = []
@@ -107,4 +129,4 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, *, block: int = BLO
     local_target = torch.minimum(frac * local_total,
                                  torch.nextafter(local_total, torch.zeros_like(local_total)))
     j = torch.searchsorted(local_cdf, local_target[:, None], right=True).squeeze(1)
-    return k * block + j
+    return (k * block + j, total) if return_total else k * block + j

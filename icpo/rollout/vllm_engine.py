@@ -19,9 +19,15 @@ not yet run on a GPU. The vLLM API relied on, and where it is:
   included) and ``.finish_reason`` in "stop" | "length" | "abort" | "error" | "repetition"
   (vllm/outputs.py, vllm/v1/engine/__init__.py ``FinishReason``).
 - ``SamplingParams(n, temperature, top_p, top_k (0 = off), max_tokens, seed, stop_token_ids,
-  detokenize)`` (vllm/sampling_params.py). With a seed and n > 1, child i of a request gets
-  seed + i (vllm/v1/engine/parallel_sampling.py), so request j is given seed + j * n here and
-  no two samples share a stream.
+  detokenize, logprobs)`` (vllm/sampling_params.py). With a seed and n > 1, child i of a
+  request gets seed + i (vllm/v1/engine/parallel_sampling.py), so request j is given
+  seed + j * n here and no two samples share a stream.
+- Sampling log-probs: ``logprobs=0`` returns, per generated token, a dict holding at least the
+  sampled token's ``Logprob`` (``CompletionOutput.logprobs``: ``list[dict[int, Logprob]]`` or
+  the list-like ``FlatLogprobs``, vllm/logprobs.py); the engine argument
+  ``logprobs_mode="processed_logprobs"`` (vllm/config/model.py) makes them the log-softmax of
+  the logits the sampler drew from (temperature, top-k, top-p applied:
+  vllm/v1/sample/sampler.py), not of the raw logits. Asked for when sampling (not greedy).
 - ``LLM.sleep(level=1)``, ``LLM.wake_up(tags=None | ["weights"] | ["kv_cache"])``,
   ``LLM.reset_prefix_cache()``.
 - Weight sync: ``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...,
@@ -119,8 +125,21 @@ def build_requests(prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
             max_tokens=params.max_new_tokens,
             seed=None if params.seed is None else params.seed + j * params.n,
             stop_token_ids=[int(t) for t in stop_token_ids],
-            detokenize=False))   # icpo detokenizes for the reward itself
+            detokenize=False,   # icpo detokenizes for the reward itself
+            logprobs=None if params.greedy else 0))   # the sampled token's only
     return prompts, kwargs
+
+
+def _sampled_logprobs(completion: Any, tokens: Sequence[int]) -> list[float] | None:
+    """The log-prob vLLM gave each sampled token of ``completion`` (``tokens``: its first
+    ones), or None when it gave none."""
+    per_position = getattr(completion, "logprobs", None)
+    if per_position is None:
+        return None
+    if len(per_position) < len(tokens):
+        raise RuntimeError(f"vLLM returned {len(per_position)} log-probs for "
+                           f"{len(tokens)} tokens")
+    return [float(per_position[i][tok].logprob) for i, tok in enumerate(tokens)]
 
 
 def parse_outputs(outputs: Sequence[Any], n: int, eos_token_ids: Iterable[int],
@@ -132,7 +151,7 @@ def parse_outputs(outputs: Sequence[Any], n: int, eos_token_ids: Iterable[int],
     cap or the context length. Aborted or failed requests raise RuntimeError.
     """
     eos = list(eos_token_ids)
-    prompts, responses, reasons = [], [], []
+    prompts, responses, reasons, logprobs = [], [], [], []
     for j, request in enumerate(outputs):
         completions = sorted(request.outputs, key=lambda c: c.index)
         if len(completions) != n:
@@ -150,7 +169,9 @@ def parse_outputs(outputs: Sequence[Any], n: int, eos_token_ids: Iterable[int],
             prompts.append(list(request.prompt_token_ids))
             responses.append(response)
             reasons.append("stop" if derived == "stop" else c.finish_reason)
-    return RolloutBatch(prompts, responses, reasons)
+            logprobs.append(_sampled_logprobs(c, response))
+    given = None if any(lp is None for lp in logprobs) else logprobs
+    return RolloutBatch(prompts, responses, reasons, rollout_logprobs=given)
 
 
 def _vllm_sampling_params(kwargs: dict) -> Any:
@@ -334,8 +355,11 @@ def _build_llm(model_path: str, engine_kwargs: dict, seed: int, llm_kwargs: dict
     from vllm import LLM
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    # processed_logprobs: the sampling log-probs of the distribution drawn from (as TRL and
+    # OpenRLHF ask), i.e. at the sampling temperature like the trainer's old log-probs
     kwargs = dict(model=model_path, seed=seed + rank, tensor_parallel_size=1,
-                  enable_prefix_caching=True, **engine_kwargs)
+                  enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                  **engine_kwargs)
     if _launched_distributed():
         kwargs["distributed_executor_backend"] = "external_launcher"
     kwargs.update(llm_kwargs)
