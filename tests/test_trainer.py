@@ -471,9 +471,9 @@ def test_drop_mixed_groups_keeps_only_uniform_groups(tiny_random_model_dir, task
     rollouts: list[list[list[int]]] = []
     real_rewards = Trainer._rewards
 
-    def spy_rewards(self, ro, step):
+    def spy_rewards(self, ro, step, *args):
         rollouts.append([list(r) for r in ro.response_ids])
-        return real_rewards(self, ro, step)
+        return real_rewards(self, ro, step, *args)
 
     monkeypatch.setattr(Trainer, "_rewards", spy_rewards)
     out = tmp_path / "drop_mixed"

@@ -42,6 +42,7 @@ from icpo.trainer.evaluate import evaluate
 from icpo.trainer.guard import Guard
 from icpo.trainer.interrupt import InterruptGuard, TrainingInterrupted, stop_report
 from icpo.trainer.metrics import MetricsLogger, tensor_stats
+from icpo.trainer.peer_features import Rewarded, draw_rollouts, loss_weights, overlong_penalty_of
 from icpo.trainer.preflight import preflight
 from icpo.trainer.run_folder import find_resumable
 from icpo.trainer.scoring import response_logprobs, score_all, use_fused_linear
@@ -49,10 +50,11 @@ from icpo.trainer.setup import build_training_models
 from icpo.trainer.update import PolicyUpdate, ScoredRollout
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
+def step_seed(seed: int, step: int, rank: int, draw: int = 0) -> int:
     """A per-(step, rank) seed: every step's randomness is a function of where it is, so a
-    resumed run draws exactly what an uninterrupted one would."""
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+    resumed run draws exactly what an uninterrupted one would. ``draw``: the generation batch
+    of the step (dynamic sampling draws several), so each gets its own."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + draw * 15_485_863) % (2**63 - 1)
 
 
 class Trainer:
@@ -127,9 +129,9 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
 
     # ---------------------------------------------------------------- phases of one step
-    def _sampling(self, step: int) -> SamplingParams:
-        return SamplingParams.from_config(self.cfg.rollout,
-                                          seed=step_seed(self.sampling_seed, step, self.rank))
+    def _sampling(self, step: int, draw: int = 0) -> SamplingParams:
+        return SamplingParams.from_config(
+            self.cfg.rollout, seed=step_seed(self.sampling_seed, step, self.rank, draw))
 
     @property
     def sampling_seed(self) -> int:
@@ -137,28 +139,32 @@ class Trainer:
         seed = self.cfg.rollout.seed
         return self.cfg.trainer.seed if seed is None else seed
 
-    def _generate(self, step: int) -> RolloutBatch:
-        batch = self.sampler.next_batch()
+    def _generate(self, step: int, draw: int = 0) -> RolloutBatch:
+        batch = self.sampler.next_batch()  # each draw its own prompts, in the sampler's state
         mine = batch[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
         items = [self.train_data.items[i] for i in mine]
         self.rollout.wake_up()
-        out = self.rollout.generate([it.prompt_ids for it in items], self._sampling(step))
+        out = self.rollout.generate([it.prompt_ids for it in items], self._sampling(step, draw))
         self.rollout.sleep()
         n = self.cfg.rollout.n
         return dataclasses.replace(out, records=[items[i // n].record for i in range(len(out))])
 
-    def _rewards(self, ro: RolloutBatch, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _rewards(self, ro: RolloutBatch, step: int, draw: int = 0) -> Rewarded:
+        """Score, + noise, + the overlong penalty; counts become fractions over all ranks in
+        float64, so the noised share reads exactly round(f * N) / N."""
         texts = self.tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         rb = self.reward_fn(ro.records, texts)
-        rewards, stats = rb.score.float(), {}
+        rewards, counts = rb.score.float(), {}
         r = self.cfg.reward
         if r.noise_fraction > 0:
-            gen = torch.Generator().manual_seed(step_seed(r.noise_seed, step, self.rank))
+            gen = torch.Generator().manual_seed(step_seed(r.noise_seed, step, self.rank, draw))
             rewards, noised = add_reward_noise(rewards, r.noise_fraction, r.noise_magnitude, gen)
-            # Counted over all ranks in float64 so it reads exactly round(f * N) / N.
-            count = dist.all_reduce_sum(torch.tensor([noised.sum().item(), noised.numel()]))
-            stats["reward/noised_frac"] = (count[0] / count[1]).item()
-        return rewards, rb.acc.float(), stats
+            counts["reward/noised_frac"] = (noised.sum().item(), noised.numel())
+        if r.overlong_buffer.enable:  # after the noise, as verl adds it to the score
+            penalty, num = overlong_penalty_of(self.cfg, ro)
+            rewards = rewards + penalty
+            counts["reward/overlong_penalized_frac"] = (num, len(ro))
+        return Rewarded(rewards, rb.acc.float(), rb.score.float(), counts)
 
     def _keep_groups(self, ro: RolloutBatch, rewards: torch.Tensor, acc: torch.Tensor):
         """``reward.drop_mixed_groups``: keep only groups whose G rewards are all equal."""
@@ -192,15 +198,8 @@ class Trainer:
         is_icpo = cfg.algorithm.name == "icpo"
         omega = omega_at(step, cfg.trainer.total_steps, cfg.algorithm.omega) if is_icpo else 0.0
         t0 = time.perf_counter()
-        ro = self._generate(step)
-        t["time/generation"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        rewards, acc, metrics = self._rewards(ro, step)
-        metrics.update(self._rollout_metrics(ro, rewards, acc))
-        if cfg.reward.drop_mixed_groups:
-            ro, rewards, acc, kept = self._keep_groups(ro, rewards, acc)
-            metrics["drop_mixed_groups/kept_group_frac"] = kept
-        t["time/reward"] = time.perf_counter() - t1
+        # one generation batch, or dynamic sampling's several; drop_mixed_groups' filter
+        ro, rewards, acc, metrics = draw_rollouts(self, step, t)
         # All ranks learn or none: the update's collectives need every rank, also one whose
         # groups drop_mixed_groups dropped.
         if dist.all_reduce_sum(torch.tensor([float(len(ro.response_ids))])).item() > 0:
@@ -261,9 +260,11 @@ class Trainer:
     def _learn(self, ro: RolloutBatch, rewards, acc, omega: float, t: dict, step: int) -> dict:
         cfg, n = self.cfg, self.cfg.rollout.n
         scored, confidence, entropy, adv = self._score(ro, rewards, omega, t)
+        weight_metrics = loss_weights(cfg, scored)  # mask_truncated, rollout correction
         t0 = time.perf_counter()
         self._updating = True  # from here until the step is counted, Ctrl-C waits for it
         metrics = self._update(scored, step)
+        metrics.update(weight_metrics)
         t["time/update"] = time.perf_counter() - t0
         metrics.update(tensor_stats("icpo/score", dist.all_gather_floats(adv.scores)))
         metrics.update(tensor_stats("reward/final", dist.all_gather_floats(adv.rewards)))
