@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
+from _accuracy import SEED, assert_within_2x_plain, rounding_floor
 from icpo.ops import pack_padded, reference, segment_mean, unpack_to_padded
 
 HAS_CUDA = torch.cuda.is_available()
@@ -15,7 +16,6 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Awkward segmentations: a single element, all length-1, ragged with primes, one long segment
 # (spans many vector widths), many segments (several parallel chunks).
 LENGTHS = [[1], [1, 1, 1], [5, 1, 7, 3], [97, 1, 2, 31], [3001], [40] * 2000]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def cu_from(lengths, dtype=torch.int32, device="cpu"):
@@ -24,22 +24,41 @@ def cu_from(lengths, dtype=torch.int32, device="cpu"):
     return cu.to(dtype=dtype, device=device)
 
 
-def make_values(total, dtype=torch.float32, seed=0, device="cpu"):
+def make_values(total, dtype=torch.float32, seed=SEED, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(total, generator=gen, dtype=torch.float64) * 3 - 1).to(dtype).to(device)
+
+
+def check_segment_mean(lengths, dtype, index_dtype=torch.int64, device="cpu", what="",
+                       seed=SEED):
+    """segment_mean and its gradient on random values, held to the rule against plain PyTorch in
+    values' dtype (``reference.segment_mean``: torch's mean per segment) and float64."""
+    values = make_values(sum(lengths), dtype, seed=seed)
+    upstream = make_values(len(lengths), dtype, seed=seed + 1)
+    cu = cu_from(lengths, index_dtype)
+    x = values.to(device).requires_grad_()
+    out = segment_mean(x, cu.to(device))
+    (grad,) = torch.autograd.grad(out, x, upstream.to(device))
+    assert out.dtype == grad.dtype == dtype and out.shape == (len(lengths),)
+    results = {}
+    for name, v, g in (("truth", values.double(), upstream.double()), ("plain", values, upstream)):
+        v = v.clone().requires_grad_()
+        mean = reference.segment_mean(v, cu)
+        results[name] = (mean, torch.autograd.grad(mean, v, g)[0])
+    what = f"{what} {device} {dtype} {index_dtype} B={len(lengths)} T={sum(lengths)}"
+    floor = rounding_floor(dtype, values.double().abs().max().item(), max(lengths))
+    assert_within_2x_plain(out, results["plain"][0], results["truth"][0], floor=floor,
+                           what=what, seed=seed)
+    floor = rounding_floor(dtype, upstream.double().abs().max().item())
+    assert_within_2x_plain(grad, results["plain"][1], results["truth"][1], floor=floor,
+                           what=f"{what} grad", seed=seed)
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda l: f"B{len(l)}T{sum(l)}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=str)
 def test_matches_reference(lengths, dtype, index_dtype):
-    values = make_values(sum(lengths), dtype)
-    cu = cu_from(lengths, index_dtype)
-    out = segment_mean(values, cu)
-    assert out.dtype == dtype and out.shape == (len(lengths),)
-    # Yardstick: the fp64 reference on the (exactly upcast) inputs.
-    want = reference.segment_mean(values.double(), cu)
-    torch.testing.assert_close(out.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    check_segment_mean(lengths, dtype, index_dtype)
 
 
 def test_length_one_segments_are_the_values():
@@ -49,16 +68,7 @@ def test_length_one_segments_are_the_values():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradient_matches_reference_autograd(dtype):
-    lengths = [4, 1, 9, 2]
-    values = make_values(sum(lengths), dtype).requires_grad_()
-    cu = cu_from(lengths)
-    upstream = make_values(len(lengths), dtype, seed=1)
-    (grad,) = torch.autograd.grad(segment_mean(values, cu), values, upstream)
-    ref_values = values.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(reference.segment_mean(ref_values, cu), ref_values,
-                                  upstream.double())
-    assert grad.dtype == dtype
-    torch.testing.assert_close(grad.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    check_segment_mean([4, 1, 9, 2], dtype)  # the gradient of short, ragged segments
 
 
 def test_strided_values_and_expanded_upstream_gradient():
@@ -93,7 +103,7 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.icpo.segment_mean.default, (values, cu))
         grad_values = values.detach().clone().requires_grad_(values.dtype == torch.float64)
         torch.library.opcheck(torch.ops.icpo.segment_mean.default, (grad_values, cu))
-        grad = make_values(cu.numel() - 1, values.dtype, seed=2, device=device)
+        grad = make_values(cu.numel() - 1, values.dtype, seed=SEED + 2, device=device)
         torch.library.opcheck(torch.ops.icpo.segment_mean_bwd.default, (grad, cu, values.numel()))
 
 
@@ -111,11 +121,7 @@ def test_torch_compile_with_fake_kernels():
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_matches_cpu(dtype):
-    lengths = [97, 1, 2, 31, 3001]
-    values, cu = make_values(sum(lengths), dtype), cu_from(lengths)
-    out = segment_mean(values.cuda(), cu.cuda())
-    torch.testing.assert_close(out.cpu(), segment_mean(values, cu), rtol=TOL[dtype],
-                               atol=TOL[dtype])
+    check_segment_mean([97, 1, 2, 31, 3001], dtype, device="cuda")
 
 
 @pytest.mark.parametrize("cu, match", [
