@@ -470,3 +470,43 @@ def test_tis_weights_follow_the_formula_when_the_engine_samples_hotter(tiny_data
         float((units > 1.2).double().mean()))
     assert line["rollout_corr/logp_abs_diff_mean"] == pytest.approx(
         float((captured["old"] - captured["rollout"]).abs().mean()), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_decide_alike(tiny_data, tmp_path):
+    """torchrun, 2 CPU processes, ZeRO-2 (every rank must run as many backward passes): with
+    dynamic sampling each rank keeps the groups it generated that the gathered metric keeps,
+    so ranks train on different numbers of groups, but they draw the same batches (equal
+    sampler states) and together train exactly train_batch_size groups per step."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import clean_env, free_port
+
+    from icpo.config import save_config
+
+    out = tmp_path / "two"
+    cfg = tiny_cfg(tiny_data, out, "algorithm.filter_groups.enable=true", "trainer.zero_stage=2",
+                   "trainer.total_steps=2", "actor.ppo_mini_batch_size=4",
+                   "actor.mask_truncated=true", "algorithm.rollout_correction.rollout_is=token",
+                   "reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=8")
+    save_config(cfg, tmp_path / "two.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(REPO / "tests" / "_peer_features_worker.py"),
+           str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    print(ranks)
+    assert ranks[0]["sampler"] == ranks[1]["sampler"]
+    lines = read_metrics(out / "metrics.jsonl")
+    assert [ln["step"] for ln in lines] == [1, 2]
+    for i, ln in enumerate(lines):
+        assert ranks[0]["groups"][i] + ranks[1]["groups"][i] == 8
+        assert ln["filter_groups/groups_trained"] == 8
+        assert ln["filter_groups/zero_std_group_frac"] == 0.0
+        assert ln["rollout_corr/logp_abs_diff_max"] < 1e-4
+    drawn = sum(ln["filter_groups/groups_generated"] for ln in lines)
+    assert ranks[0]["sampler"]["epoch"] * 64 + ranks[0]["sampler"]["position"] == drawn
