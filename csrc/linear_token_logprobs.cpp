@@ -4,16 +4,20 @@
 // shared with CUDA; this file holds the CPU row passes and the checks.
 //
 // Design (memory first: the target is <= 5 % of the fp32 [T, V] logits in extra memory over
-// forward + backward, ~250 MB at T = 8192, V = 151936):
+// forward + backward, ~250 MB at T = 8192, V = 151936), the same in both directions: the logits
+// are made in tiles of VOCABULARY SLICES x all tokens, [T, Vs], in ONE reused buffer; tokens are
+// split too only when a slice would be narrower than kMinSliceCols.
 //
-// - Forward: tokens in chunks of `fwd_rows` whole rows. Per chunk one GEMM (addmm with the bias)
-//   into ONE reused [rows, V] buffer, then token_logprobs' fused row pass (online log-sum-exp,
-//   label, entropy; cpu::kernels().token_logprobs_fwd on the chunk view) writes logp, entropy
-//   and lse. Saved for backward: hidden, weight, bias, labels and the [T] lse and entropy.
-//
-// - Backward: tiled over VOCABULARY SLICES, not token chunks. With lse and entropy saved, each
-//   dlogit depends only on its own logit and per-row scalars, so for a slice [v0, v1):
-//     dz = hidden @ W_s^T (+ b_s)          recomputed into the same buffer, [T, Vs]
+// - Forward: per slice one GEMM (addmm with the bias) into the buffer, then token_logprobs' fused
+//   row pass (cpu::kernels().token_logprobs_fwd) on the tile gives each row's log-sum-exp and
+//   entropy within the slice and the label's log-prob where the slice holds it; these merge
+//   across slices without cancellation (linear_token_logprobs.h). Saved for backward: hidden,
+//   weight, bias, labels and the [T] lse and entropy. Token chunks of whole rows were the first
+//   design: at the buffer sizes memory allows (~110 fp32 rows of 151936) the GEMM streams all of
+//   weight per chunk and ran at 58 GFLOP/s against 93 for [512, H] x [H, 4096] tiles here.
+// - Backward: with lse and entropy saved, each dlogit depends only on its own logit and per-row
+//   scalars, so for a slice [v0, v1):
+//     dz = hidden @ W_s^T (+ b_s)          recomputed into the buffer, [T, Vs]
 //     dz <- dlogits in place               (csrc/cpu/linear_token_logprobs_kernel.cpp)
 //     d_W[v0:v1] = dz^T @ hidden            ONE GEMM over all tokens: written once, rounded once
 //     d_hidden  += dz @ W_s                 an fp32 [T, H] sum (bf16: 64 MB at T 8192, H 2048)
@@ -22,18 +26,15 @@
 //   every chunk, in fp32 it costs V * H * 4 bytes (1.2 GB at H = 2048). Summing d_hidden over
 //   slices costs only the small [T, H]. Each slice's bf16 partial of d_hidden is rounded once
 //   before the fp32 sum (ATen's CPU GEMM has no bf16 -> fp32 output); d_W and d_b are rounded
-//   once. When T is so large that a slice would be narrower than kMinSliceCols, tokens are
-//   split too and d_W sums over token tiles (in fp32 per slice for bf16).
-//
-// - The buffer holds `chunk_size` x V elements (default: kBudgetBytes, 64 MiB), in the forward
-//   as [chunk_size, V], in the backward as [T, Vs] with Vs = chunk_size * V / T. Extra memory at
-//   T = 8192, H = 2048: fp32 ~64 MiB; bf16 ~160 MiB (buffer, fp32 d_hidden sum, its bf16 slice
-//   partial), besides the gradients themselves.
-//
-// - Time: 4 GEMMs of 2 T H V flops (forward, backward's recompute, d_hidden, d_W) plus two
-//   elementwise passes; materializing the logits saves the recompute but faults in two [T, V]
-//   buffers per step. The GEMMs are ATen's (MKL for fp32, oneDNN for bf16), threaded like
-//   torch.get_num_threads(); the row passes use at::parallel_for.
+//   once. When tokens are split, d_W sums over token tiles (in fp32 per slice for bf16).
+// - The buffer holds chunk_size * V elements (default kBudgetBytes, 32 MiB), so Vs is about
+//   chunk_size * V / T.
+//   Extra memory at T = 8192, H = 2048, besides the gradients themselves: the buffer, plus for
+//   bf16 the fp32 d_hidden sum (64 MiB) and its bf16 slice partial (32 MiB).
+// - Time: 4 GEMMs of 2 T H V flops (forward, backward's recompute, d_hidden, d_W); the row
+//   passes are a few % of it. Materializing the logits saves the recompute (3 GEMMs) but faults
+//   in two [T, V] buffers per step. The GEMMs are ATen's (MKL for fp32, oneDNN for bf16),
+//   threaded like torch.get_num_threads(); the row passes use at::parallel_for.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -49,7 +50,9 @@
 namespace icpo {
 namespace {
 
-constexpr int64_t kBudgetBytes = int64_t{64} << 20;
+// Measured at T = 512, H = 896, V = 151936, fp32, one thread: 8, 16, 32 and 64 MiB all within
+// 2 % (in CPU time); the smallest buffers that keep slices >= 1024 wide up to T = 8192 fp32.
+constexpr int64_t kBudgetBytes = int64_t{32} << 20;
 
 struct CpuRows {
   static void forward(const at::Tensor& logits, const at::Tensor& labels, double inv_t,

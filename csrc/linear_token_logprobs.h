@@ -5,7 +5,8 @@
 // passes to the backend's `Rows`:
 //
 //   struct Rows {
-//     // logits [n, V] (a chunk of rows, unit column stride), labels [n] -> logp, entropy, lse [n]
+//     // logits [n, m] (a tile: unit column stride, row stride m), labels [n] each in [0, m) or
+//     // ignore_index -> logp, entropy, lse [n] of each row's softmax over its m columns
 //     static void forward(const at::Tensor& logits, const at::Tensor& labels, double inv_t,
 //                         int64_t ignore_index, at::Tensor& logp, at::Tensor& entropy,
 //                         at::Tensor& lse);
@@ -16,12 +17,17 @@
 //                         int64_t ignore_index);
 //   };
 #pragma once
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logaddexp.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
@@ -67,30 +73,29 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(chunk_size >= 0, "chunk_size must be >= 0 (0: automatic), got ", chunk_size);
 }
 
-// How the [T, V] logits are cut. The forward takes `fwd_rows` whole rows at a time; the backward
-// reuses a buffer of as many elements as tiles of `bwd_rows` x `bwd_cols` (vocabulary slices
-// across all tokens when they fit, so each slice of d_weight is one GEMM, written once).
+// How the [T, V] logits are cut, the same in forward and backward: tiles of `rows` tokens x
+// `cols` vocabulary entries in one reused buffer of chunk_size * V elements (chunk_size = 0:
+// budget_bytes). A slice takes all tokens while it can be at least kMinSliceCols wide (so each
+// slice of d_weight is one GEMM, written once); only then are the tokens split too.
 struct Tiles {
-  int64_t fwd_rows, bwd_rows, bwd_cols;
+  int64_t rows, cols;
 };
 
-// Narrowest vocabulary slice the backward takes before it also splits the tokens (narrower
-// GEMMs lose speed), and the multiple slices are rounded down to (aligned rows of weight).
+// kSliceAlign: slices are multiples of it (aligned rows of weight).
 constexpr int64_t kMinSliceCols = 128;
 constexpr int64_t kSliceAlign = 64;
 
 inline Tiles plan(int64_t T, int64_t V, int64_t elem_size, int64_t chunk_size,
                   int64_t budget_bytes) {
   const int64_t t = std::max<int64_t>(T, 1);
-  int64_t rows = chunk_size > 0 ? chunk_size : budget_bytes / (V * elem_size);
-  rows = std::clamp<int64_t>(rows, 1, t);
-  const int64_t elems = rows * V;
+  const int64_t chunk_rows =
+      std::clamp<int64_t>(chunk_size > 0 ? chunk_size : budget_bytes / (V * elem_size), 1, t);
+  const int64_t elems = chunk_rows * V;
   int64_t cols = std::min(V, elems / t);
   if (cols < V) {
     cols = std::max(std::min(V, kMinSliceCols), cols - cols % kSliceAlign);
   }
-  const int64_t bwd_rows = std::clamp<int64_t>(elems / cols, 1, t);
-  return {rows, bwd_rows, cols};
+  return {std::clamp<int64_t>(elems / cols, 1, t), cols};
 }
 
 // out = h @ w_t (+ bias), the row-broadcast bias added by the GEMM itself.
@@ -103,6 +108,12 @@ inline void logits_into(at::Tensor& out, const at::Tensor& h, const at::Tensor& 
   }
 }
 
+// Whole rows per tile: the row pass writes logp, entropy and lse directly. Otherwise each tile's
+// row pass gives the statistics of its slice (L_k = log-sum-exp, H_k = entropy of the softmax
+// within the slice, and the label's log-prob there when the slice holds it), merged per row
+// across slices: L = logaddexp(L, L_k) and, with a = L - L', b = L_k - L' (both <= 0),
+// H' = e^a (H - a) + e^b (H_k - b): H = sum_k p_k (H_k - log p_k), p_k = e^(L_k - L) the slice's
+// mass, a sum of non-negative terms, so nothing cancels. logp = z_label - L at the end.
 template <class Rows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
                                                        const at::Tensor& weight,
@@ -117,15 +128,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
              lse = at::empty({T}, opts);
   if (T == 0) return {logp, entropy, lse};
   const Tiles tiles = plan(T, V, hidden.element_size(), chunk_size, budget_bytes);
-  const at::Tensor buf = at::empty({tiles.fwd_rows * V}, hidden.options());
-  const at::Tensor w_t = weight.t();
-  for (int64_t t0 = 0; t0 < T; t0 += tiles.fwd_rows) {
-    const int64_t n = std::min(tiles.fwd_rows, T - t0);
-    at::Tensor logits = buf.narrow(0, 0, n * V).view({n, V});
-    logits_into(logits, hidden.narrow(0, t0, n), w_t, bias);
-    at::Tensor lp = logp.narrow(0, t0, n), en = entropy.narrow(0, t0, n),
-               ls = lse.narrow(0, t0, n);
-    Rows::forward(logits, labels.narrow(0, t0, n), inv_temperature, ignore_index, lp, en, ls);
+  const int64_t rows = tiles.rows, cols = tiles.cols;
+  const at::Tensor buf = at::empty({rows * cols}, hidden.options());
+  const bool whole_rows = cols == V;
+  // The label's scaled logit, found in the slice that holds it (when slices are used).
+  const at::Tensor z_label = whole_rows ? at::Tensor() : at::zeros({T}, opts);
+  for (int64_t v0 = 0; v0 < V; v0 += cols) {
+    const int64_t nv = std::min(cols, V - v0);
+    const at::Tensor w_st = weight.narrow(0, v0, nv).t();
+    std::optional<at::Tensor> b_s;
+    if (bias.has_value()) b_s = bias->narrow(0, v0, nv);
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      const int64_t nt = std::min(rows, T - t0);
+      at::Tensor z = buf.narrow(0, 0, nt * nv).view({nt, nv});
+      logits_into(z, hidden.narrow(0, t0, nt), w_st, b_s);
+      at::Tensor lp = logp.narrow(0, t0, nt), en = entropy.narrow(0, t0, nt),
+                 ls = lse.narrow(0, t0, nt);
+      const at::Tensor lab = labels.narrow(0, t0, nt);
+      if (whole_rows) {
+        Rows::forward(z, lab, inv_temperature, ignore_index, lp, en, ls);
+        continue;
+      }
+      // Every row gets a label inside the slice (its own, or column 0) and none is ignored, so
+      // the row pass computes each slice's entropy; ignored rows are zeroed at the end.
+      const at::Tensor in_slice = lab.ge(v0).logical_and_(lab.lt(v0 + nv));
+      const at::Tensor local = at::where(in_slice, lab - v0, at::zeros_like(lab));
+      at::Tensor lp_k = at::empty({nt}, opts), h_k = at::empty({nt}, opts),
+                 l_k = at::empty({nt}, opts);
+      Rows::forward(z, local, inv_temperature, /*ignore_index=*/-1, lp_k, h_k, l_k);
+      at::Tensor zl = z_label.narrow(0, t0, nt);
+      zl.copy_(at::where(in_slice, lp_k + l_k, zl));
+      if (v0 == 0) {
+        ls.copy_(l_k);
+        en.copy_(h_k);
+      } else {
+        const at::Tensor merged = at::logaddexp(ls, l_k);
+        const at::Tensor a = ls - merged, b = l_k - merged;
+        en.copy_(a.exp() * (en - a) + b.exp() * (h_k - b));
+        ls.copy_(merged);
+      }
+    }
+  }
+  if (!whole_rows) {
+    const at::Tensor ignored = labels.eq(ignore_index);
+    at::sub_out(logp, z_label, lse).masked_fill_(ignored, 0);
+    entropy.masked_fill_(ignored, 0);
   }
   return {logp, entropy, lse};
 }
@@ -167,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     return finish();
   }
   const Tiles tiles = plan(T, V, hidden.element_size(), chunk_size, budget_bytes);
-  const int64_t rows = tiles.bwd_rows, cols = tiles.bwd_cols;
+  const int64_t rows = tiles.rows, cols = tiles.cols;
   const bool split_tokens = rows < T;
   const at::Tensor buf = at::empty({rows * cols}, opts);
   const at::Tensor h_part = (lowp && need_h) ? at::empty({rows, H}, opts) : none();

@@ -27,13 +27,14 @@ TORCH_LIBRARY(icpo, m) {
   m.def("token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels,"
         " Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
   // hidden [T, H], weight [V, H], bias [V] or None (one float dtype), labels int64 [T]: as
-  // token_logprobs_fwd on logits = hidden @ weight^T + bias, which are never held whole: tokens
-  // go through chunk_size rows at a time (0: a 64 MiB buffer on CPU). -> (logp, entropy, lse).
+  // token_logprobs_fwd on logits = hidden @ weight^T + bias, which are never held whole: they
+  // are made in tiles in a buffer of chunk_size * V elements (0: a fixed size per device).
+  // -> (logp, entropy, lse).
   m.def("linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels,"
         " float inv_temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
-  // -> (grad_hidden, grad_weight, grad_bias) in hidden's dtype, recomputing the logits in
-  // vocabulary slices; an output whose output_mask entry is false (grad_bias also without a
-  // bias) is an empty [0] tensor.
+  // -> (grad_hidden, grad_weight, grad_bias) in hidden's dtype, recomputing the logits tile by
+  // tile; an output whose output_mask entry is false (grad_bias also without a bias) is an empty
+  // [0] tensor.
   m.def("linear_token_logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor hidden,"
         " Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor entropy,"
         " float inv_temperature, int ignore_index, int chunk_size, bool[3] output_mask)"

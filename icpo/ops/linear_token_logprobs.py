@@ -160,8 +160,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         bias: None or ``[V]``, hidden's dtype.
         ignore_index: label marking positions that get 0 for both outputs and no gradient.
         return_entropy: when False the second output is None.
-        chunk_size: tokens per forward chunk (the backward's buffer holds as many logits,
-            ``chunk_size * V``); None picks it from a fixed buffer size (64 MiB on CPU).
+        chunk_size: size of the one reused logits buffer, in rows of V: it holds
+            ``chunk_size * V`` logits, made as tiles of all tokens x a slice of the vocabulary
+            (``chunk_size * V / T`` wide, at least 128). None: 32 MiB on CPU, 256 MiB on CUDA.
 
     Returns:
         ``(logp, entropy)``, float32 (float64 for float64 inputs) with labels' shape,
