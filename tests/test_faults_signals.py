@@ -91,10 +91,10 @@ def test_sigterm_before_the_update_saves_the_last_step(tiny_random_model_dir, da
     cfg = config_from_dict(config(tiny_random_model_dir, data, tmp_path / "b"))
     real_rewards = Trainer._rewards
 
-    def sigterm_after_sampling(self, ro, step):
+    def sigterm_after_sampling(self, ro, step, *args):
         if step == 1:  # step 2 has drawn its prompts: the sampler must be rewound
             signal.raise_signal(signal.SIGTERM)
-        return real_rewards(self, ro, step)
+        return real_rewards(self, ro, step, *args)
 
     monkeypatch.setattr(Trainer, "_rewards", sigterm_after_sampling)
     with pytest.raises(TrainingInterrupted) as info:

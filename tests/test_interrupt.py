@@ -55,10 +55,10 @@ def test_ctrl_c_before_the_update_saves_the_last_step_and_resumes_exactly(
     cfg = config_from_dict(config(tiny_random_model_dir, data, tmp_path / "b"))
     real_rewards = Trainer._rewards
 
-    def ctrl_c_after_sampling(self, ro, step):
+    def ctrl_c_after_sampling(self, ro, step, *args):
         if step == 1:  # step 2 has drawn its prompts (the sampler moved): Ctrl-C now
             raise KeyboardInterrupt
-        return real_rewards(self, ro, step)
+        return real_rewards(self, ro, step, *args)
 
     monkeypatch.setattr(Trainer, "_rewards", ctrl_c_after_sampling)
     with pytest.raises(TrainingInterrupted) as info:
