@@ -28,6 +28,8 @@ not yet run on a GPU. The vLLM API relied on, and where it is:
   ``logprobs_mode="processed_logprobs"`` (vllm/config/model.py) makes them the log-softmax of
   the logits the sampler drew from (temperature, top-k, top-p applied:
   vllm/v1/sample/sampler.py), not of the raw logits. Asked for when sampling (not greedy).
+  On CUDA that mode keeps top-k / top-p sampling off FlashInfer's kernels, which cannot return
+  them (vllm/v1/sample/ops/topk_topp_sampler.py), as in TRL and OpenRLHF.
 - ``LLM.sleep(level=1)``, ``LLM.wake_up(tags=None | ["weights"] | ["kv_cache"])``,
   ``LLM.reset_prefix_cache()``.
 - Weight sync: ``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...,
