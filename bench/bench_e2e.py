@@ -42,6 +42,14 @@ a reference, one thread; ~1-2 minutes per step and provider, ~8 GB peak RSS each
   python scripts/make_vocab_model.py          # writes outputs/vocab-model-151936 (~10 s)
   python bench/bench_e2e.py --model outputs/vocab-model-151936 --prompts 8 --group 8 \
       --max-completion 64 --steps 3 --rounds 2 --name e2e_vocab151936
+
+Transparent huge pages: an icpo provider with the suffix ``:thp-off`` runs its worker with THP
+switched off for the process (``prctl(PR_SET_THP_DISABLE)``), ``:thp-on`` with every large
+allocation asking for them (PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` and ``ICPO_HUGE_PAGES=1``: what
+the system setting "always" would give where it is "madvise"); without a suffix the system's
+setting applies. They interleave with the others, e.g. ``--providers
+trl-grpo,icpo-grpo,icpo-icpo,icpo-grpo:thp-off,icpo-grpo:thp-on``; each worker records the
+AnonHugePages it ended with, and the result the system setting.
 """
 
 from __future__ import annotations
@@ -64,8 +72,47 @@ PROVIDERS = {"trl-grpo": "TRL GRPO", "icpo-grpo": "icpo GRPO", "icpo-icpo": "icp
 ALGORITHMS = {"grpo": "trl-grpo,icpo-grpo", "icpo": "trl-grpo,icpo-icpo",
               "both": ",".join(PROVIDERS)}
 """--algorithm -> providers; TRL's GRPO is the baseline of both (TRL has no ICPO)."""
+THP_MODES = {"thp-off": "THP off", "thp-on": "THP on"}
+"""Suffixes of an icpo provider (``icpo-grpo:thp-off``): see the module docstring."""
 PHASES = ("generation", "reward", "old_logprob", "ref_logprob", "advantages", "update")
 CLIP_LOW, CLIP_HIGH, GRAD_CLIP = 0.2, 0.28, 1.0
+
+
+def label(provider: str) -> str:
+    """``icpo-grpo:thp-off`` -> ``icpo GRPO (THP off)``."""
+    base, _, thp = provider.partition(":")
+    return PROVIDERS[base] + (f" ({THP_MODES[thp]})" if thp else "")
+
+
+def thp_system() -> str | None:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return None
+
+
+def disable_thp() -> None:
+    """prctl(PR_SET_THP_DISABLE, 1): no transparent huge pages for this process from now on."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(41, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE) failed")
+
+
+def thp_state() -> dict:
+    """Whether THP is disabled for this process (prctl PR_GET_THP_DISABLE) and the huge pages
+    its anonymous memory holds now (AnonHugePages of /proc/self/smaps_rollup, MiB)."""
+    import ctypes
+
+    state: dict = {"disabled": bool(ctypes.CDLL(None).prctl(42, 0, 0, 0, 0))}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                state["anon_huge_pages_mib"] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return state
 
 
 def records(args) -> list[dict]:
@@ -91,7 +138,8 @@ def summarize(runs: list[dict], warmup: int) -> dict:
            "completion_tokens_per_step": statistics.mean(tokens),
            "step_s_per_run": [r["step_s"] for r in runs],
            "cpu_s_per_run": [r["cpu_s"] for r in runs],
-           "wall_s_per_run": [r["wall_s"] for r in runs], "torch_threads": runs[0]["torch_threads"]}
+           "wall_s_per_run": [r["wall_s"] for r in runs], "torch_threads": runs[0]["torch_threads"],
+           "thp_per_run": [r.get("thp") for r in runs]}
     if "phases" in runs[0]:
         out["phases_s"] = {p: statistics.median(v for r in runs for v in r["phases"][p][warmup:])
                            for p in PHASES}
@@ -213,12 +261,16 @@ def run_icpo(args, algorithm: str) -> dict:
 def worker(args) -> None:
     import torch
 
+    base, _, thp = args.worker.partition(":")
+    if thp == "thp-off":
+        disable_thp()  # before the model and its buffers are allocated
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory(prefix=f"bench_e2e_{args.worker}_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"bench_e2e_{base}_") as tmp:
         args.workdir = tmp
         t0 = time.perf_counter()
-        out = run_trl(args) if args.worker == "trl-grpo" else run_icpo(args, args.worker[5:])
+        out = run_trl(args) if base == "trl-grpo" else run_icpo(args, base[5:])
+        out["thp"] = thp_state()
         out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = peak_rss_mib()
     out["torch_threads"] = torch.get_num_threads()
@@ -235,6 +287,8 @@ def spawn(provider: str, args, argv: list[str]) -> dict:
         cmd = [sys.executable, __file__, *argv, "--worker", provider, "--result", result]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                    TRANSFORMERS_VERBOSITY="error")
+        if provider.endswith(":thp-on"):  # read by torch's allocator and icpo's kernels at start
+            env.update(THP_MEM_ALLOC_ENABLE="1", ICPO_HUGE_PAGES="1")
         proc = subprocess.run(cmd, env=env, capture_output=not args.verbose, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or "")[-4000:] if not args.verbose else ""
@@ -291,10 +345,11 @@ def parse_args(argv: list[str] | None = None):
                    help="icpo's algorithm(s) to run beside TRL's GRPO: grpo, icpo or both "
                         "(default: both; shorthand for --providers)")
     p.add_argument("--providers", default=None,
-                   help="comma list of " + ",".join(PROVIDERS) + " (default: all)")
+                   help="comma list of " + ",".join(PROVIDERS) + " (default: all); an icpo "
+                        "one may end in :thp-off or :thp-on (see above)")
     p.add_argument("--name", default="e2e", help="result file stem under bench/results/")
     p.add_argument("--verbose", action="store_true", help="show the subprocesses' output")
-    p.add_argument("--worker", choices=list(PROVIDERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "group", "max_completion", "threads", "rounds"):
@@ -309,10 +364,12 @@ def parse_args(argv: list[str] | None = None):
     if args.algorithm and args.providers:
         raise SystemExit("--algorithm and --providers exclude each other; give one")
     args.providers = args.providers or ALGORITHMS[args.algorithm or "both"]
-    unknown = set(args.providers.split(",")) - set(PROVIDERS)
+    given = args.providers.split(",") + ([args.worker] if args.worker else [])
+    unknown = {p for p in given if p.partition(":")[0] not in PROVIDERS
+               or p.partition(":")[2] not in ("", *(THP_MODES if p.startswith("icpo") else ()))}
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected some of "
-                         f"{list(PROVIDERS)}")
+                         f"{list(PROVIDERS)}, an icpo one optionally with :thp-off or :thp-on")
     from icpo.models import resolve_model_path
 
     if not (Path(resolve_model_path(args.model)) / "config.json").is_file():
@@ -324,7 +381,7 @@ def parse_args(argv: list[str] | None = None):
 def table_rows(results: dict) -> list[dict]:
     rows = []
     for key, r in results.items():
-        row = {"provider": PROVIDERS[key], "step_s": r["step_s"], "step_cpu_s": r["step_cpu_s"],
+        row = {"provider": label(key), "step_s": r["step_s"], "step_cpu_s": r["step_cpu_s"],
                "tokens_per_s": r["tokens_per_s"], "peak_rss_mib": r["peak_rss_mib"]}
         row.update({f"{p}_s": v for p, v in r.get("phases_s", {}).items()})
         rows.append(row)
@@ -348,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     # Rounds interleave the providers, so load from other processes falls on all of them alike.
     for rnd in range(args.rounds):
         for provider in providers:
-            print(f"round {rnd + 1}/{args.rounds}: {PROVIDERS[provider]} ...", flush=True)
+            print(f"round {rnd + 1}/{args.rounds}: {label(provider)} ...", flush=True)
             runs[provider].append(spawn(provider, args, passthrough))
     results = {p: summarize(r, args.warmup) for p, r in runs.items()}
     step = {k: v["step_s"] for k, v in results.items()}
@@ -369,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                                if {"trl-grpo", "icpo-grpo"} <= cpu.keys() else None),
         "icpo_overhead_cpu": (cpu["icpo-icpo"] / cpu["icpo-grpo"] - 1
                               if {"icpo-icpo", "icpo-grpo"} <= cpu.keys() else None),
-        "results": {PROVIDERS[k]: v for k, v in results.items()},
+        "results": {label(k): v for k, v in results.items()},
+        "thp_system": thp_system(),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
         "memory_total_gib": psutil.virtual_memory().total / 2**30,
         "versions": versions(),
