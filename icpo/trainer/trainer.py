@@ -204,7 +204,9 @@ class Trainer:
         # groups drop_mixed_groups dropped.
         if dist.all_reduce_sum(torch.tensor([float(len(ro.response_ids))])).item() > 0:
             metrics.update(self._learn(ro, rewards, acc, omega, t, step))
+        t1 = time.perf_counter()
         self._sync_weights()
+        t["time/sync"] = time.perf_counter() - t1  # vLLM's reload (ZeRO-3: with its gathers)
         t["time/step"] = time.perf_counter() - t0
         n_tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, ro.response_ids)))]))
         metrics["perf/tokens_per_s"] = n_tokens.item() / t["time/step"]
