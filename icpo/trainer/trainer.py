@@ -1,11 +1,13 @@
 """The GRPO / ICPO training loop: rollout, score, advantages, PPO updates, sync, log, save.
 
 One step (docs/architecture.md): sample G responses per prompt; verifiable rewards (+ optional
-noise / mixed-group drop); old log-probs and entropy with the fused kernel on packed sequences;
-confidence = segment mean of old log-probs; reference log-probs; ICPO or GRPO advantages;
-``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts, each a DeepSpeed
-step over token-budget micro-batches (icpo/trainer/update.py); weights pushed to the rollout
-engine.
+noise / overlong penalty / mixed-group drop; dynamic sampling draws further batches until
+enough groups have reward spread: icpo/trainer/peer_features.py); old log-probs and entropy
+with the fused kernel on packed sequences; confidence = segment mean of old log-probs;
+reference log-probs; ICPO or GRPO advantages; ``ppo_epochs`` passes over mini-batches of
+``ppo_mini_batch_size`` prompts, each a DeepSpeed step over token-budget micro-batches
+(icpo/trainer/update.py; with per-token loss weights and rollout-correction weights when set);
+weights pushed to the rollout engine.
 """
 
 from __future__ import annotations
