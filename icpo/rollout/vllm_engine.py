@@ -80,8 +80,9 @@ def map_weight_name(name: str) -> str | None:
     Strips ``module.`` (DeepSpeed, DDP), ``_orig_mod.`` (torch.compile),
     ``_checkpoint_wrapped_module.`` / ``_fsdp_wrapped_module.``, and PEFT's
     ``base_model.model.`` / ``.base_layer`` / ``.modules_to_save.default``. PEFT's LoRA factors
-    (``lora_*``) and ``original_module`` copies return None: vLLM has no such weights, so merge
-    adapters (``merge_adapter()``) before pushing.
+    (``lora_*``) and ``original_module`` copies return None: vLLM has no such weights, so push
+    merged weights instead (``icpo.models.lora.iter_merged_parameters``, as the trainer does
+    with LoRA; PEFT's ``merge_adapter()`` would change the trainer's weights in place).
     """
     parts = name.split(".")
     stripped = True
