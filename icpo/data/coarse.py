@@ -192,6 +192,9 @@ def filter_coarse(spec: CoarseFilterSpec) -> dict[str, Any]:
     raw_of = {id(rec): raw for rec, raw in zip(records, raws)}
     if not os.path.isdir(resolve_model_path(spec.model)):
         raise CoarseFilterError(f"model: folder not found: {spec.model!r}")
+    from icpo.models.check import check_model_folder
+
+    check_model_folder(resolve_model_path(spec.model), "model")  # before any weights load
     tokenizer = load_tokenizer(spec.model)
     data_cfg = DataConfig(template=spec.template, max_prompt_length=spec.max_prompt_length,
                           overlong_prompts="skip")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from icpo.models import resolve_model_path
+from icpo.models.check import check_finite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,7 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device,
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+    check_finite(model, path)  # before any work: NaN weights would surface steps later
     return model.to(device)
 
 

@@ -46,16 +46,29 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def check_model_path(name: str, path: str) -> str:
+def _looks_local(path: str) -> bool:
+    """A path meant as a folder: never answered with "hf download" (an ``org/name`` whose
+    ``org`` is no local folder is taken as a hub id)."""
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    return path.count("/") == 1 and Path(path.split("/")[0]).is_dir()
+
+
+def check_model_path(name: str, path: str, attn_implementation: str | None = None) -> str:
     """The local folder of model ``path`` (a folder with ``config.json``, the bundled
-    ``icpo/tiny``, or a hub id already in the Hugging Face cache); no network lookup."""
+    ``icpo/tiny``, or a hub id already in the Hugging Face cache), fully checked by
+    :func:`icpo.models.check.check_model_folder` (config, tokenizer, weight headers,
+    vocabulary sizes); no network lookup, no weights loaded."""
+    from icpo.models.check import check_model_folder
+
     local = Path(resolve_model_path(path))
+    folder = None
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"{name}: {path!r} is a folder without config.json; expected a "
                             "Hugging Face model folder")
-        return str(local)
-    if not local.is_absolute() and path.count("/") == 1 and not path.startswith("."):
+        folder = str(local)
+    elif path.count("/") == 1 and not _looks_local(path):
         try:
             from huggingface_hub import try_to_load_from_cache
 
@@ -63,10 +76,15 @@ def check_model_path(name: str, path: str) -> str:
         except Exception:  # noqa: BLE001 (an id the hub library refuses is simply not cached)
             cached = None
         if isinstance(cached, str):
-            return str(Path(cached).parent)
-    raise UserError(f"{name}: {path!r} is neither a model folder nor a model in the local "
-                    "Hugging Face cache; download it first (hf download "
-                    f"{path} --local-dir DIR) and pass {name}=DIR")
+            folder = str(Path(cached).parent)
+    if folder is None and _looks_local(path):
+        raise UserError(f"{name}: {path!r}: no such folder")
+    if folder is None:
+        raise UserError(f"{name}: {path!r} is neither a model folder nor a model in the local "
+                        "Hugging Face cache; download it first (hf download "
+                        f"{path} --local-dir DIR) and pass {name}=DIR")
+    check_model_folder(folder, name, attn_implementation)
+    return folder
 
 
 def check_reward_function(dotted: str, name: str = "reward.function") -> None:
@@ -200,9 +218,9 @@ def preflight(cfg: Config, resume: str | None = None, overwrite: bool = False) -
     rank0 = _rank() == 0
     check_output_dir(out)
     check_environment(cfg)
-    check_model_path("model.path", cfg.model.path)
+    check_model_path("model.path", cfg.model.path, cfg.model.attn_implementation)
     if cfg.model.ref_path and cfg.actor.kl_coef > 0:
-        check_model_path("model.ref_path", cfg.model.ref_path)
+        check_model_path("model.ref_path", cfg.model.ref_path, cfg.model.attn_implementation)
     check_reward_function(cfg.reward.function)
     train = _load(cfg.data.train_files, cfg.data, "data.train_files")
     val = None
