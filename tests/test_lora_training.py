@@ -7,7 +7,7 @@ base weights end bit for bit as loaded; the reference log-probs of a step after 
 the base model's, from the same module (no second copy); a checkpoint holds the adapters in
 PEFT's format (PeftModel.from_pretrained gives the live logits) and a DeepSpeed state of the
 adapters alone; stop after step 1 + resume to step 2 == 2 uninterrupted steps, bit for bit, at
-ZeRO-0 and ZeRO-2 (and ZeRO-3, slow); model.ref_path still loads a separate reference; ``icpo eval`` on a LoRA
+ZeRO-0 and ZeRO-2 (and ZeRO-3, slow); a 2-process ZeRO-2 run (slow); model.ref_path still loads a separate reference; ``icpo eval`` on a LoRA
 checkpoint equals ``icpo eval`` on its ``icpo export --merged`` model; the config's checks.
 """
 
@@ -54,6 +54,12 @@ def task(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def make_cfg(task, out: Path, *overrides: str):
+    return load_config(PRESET, make_cfg_overrides(task, out, *overrides))
+
+
+def make_cfg_overrides(task, out: Path, *overrides: str) -> list[str]:
+    """The tiny preset made small (4 prompts x G=4, 16 tokens, 2 steps, a checkpoint per
+    step), LoRA rank 8 and a KL term, then ``overrides``."""
     train, _, reward = task
     small = [f"data.train_files=[{train}]", "data.val_files=[]", f"trainer.output_dir={out}",
              f"reward.function={reward}:varied", "trainer.total_steps=2",
@@ -61,7 +67,7 @@ def make_cfg(task, out: Path, *overrides: str):
              "rollout.max_response_length=16", "trainer.eval_every=0", "trainer.save_every=1",
              "trainer.progress_bar=false", "actor.kl_coef=0.01", "actor.lr=1e-3",
              f"model.lora_rank={RANK}"]
-    return load_config(PRESET, [*small, *overrides])
+    return [*small, *overrides]
 
 
 def load_base():
@@ -261,6 +267,36 @@ def test_resume_is_bitwise(task, tmp_path, monkeypatch, zero_stage):
     assert not differing, f"weights differ: {differing[:3]}"
     assert any(".lora_" in k for k in a) and all(v.numel() for v in a.values())
     assert deterministic(tmp_path / "straight")[1:] == deterministic(tmp_path / "resumed")[1:]
+
+
+@pytest.mark.slow
+def test_two_processes_zero2(task, tmp_path):
+    """torchrun, 2 CPU processes, ZeRO-2 (gradients reduced in every backward, optimizer state
+    sharded): the run ends, both ranks saved, the adapters moved, and the adapters PEFT loads
+    from the checkpoint are exactly DeepSpeed's saved module state, which holds nothing else."""
+    import subprocess
+    import sys
+
+    from launch import clean_env, free_port
+    from peft import PeftModel
+
+    out = tmp_path / "ddp"
+    argv = [f"{o}" for o in make_cfg_overrides(task, out, "trainer.zero_stage=2")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "icpo.cli", "train", "--config",
+           str(PRESET), *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = out / "checkpoints" / "step_000002"
+    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    loaded = PeftModel.from_pretrained(load_base(), ckpt / "model")
+    adapters = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
+    assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
+    states = torch.load(ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt",
+                        weights_only=False, map_location="cpu")["module"]
+    assert states.keys() == adapters.keys()
+    assert all(torch.equal(states[n], adapters[n]) for n in adapters)
 
 
 def test_resume_refuses_other_adapter_settings(task, tmp_path):
