@@ -241,6 +241,36 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
             errors.append(str(e))
 
 
+_F32_MAX, _F32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+_REWARD_SCALE_MAX = 1e6
+_REWARD_SCALES = ("reward.answer_weight", "reward.format_weight", "reward.noise_magnitude",
+                  "reward.overlong_buffer.penalty_factor", "algorithm.omega.omega_max",
+                  "algorithm.omega.omega_min")
+"""Fields that scale rewards: the group statistics square and sum those in float32."""
+
+
+def _float32_errors(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Every float field is finite and, unless 0, a normal float32 (the math is float32: 1e39
+    is inf there, 1e-40 a denormal whose reciprocal is inf); reward scales at most 1e6."""
+    for name, tp in _hints(type(obj)).items():
+        value, dotted = getattr(obj, name), prefix + name
+        if dataclasses.is_dataclass(tp) and isinstance(value, tp):
+            _float32_errors(value, dotted + ".", errors)
+            continue
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for v in values:
+            if not isinstance(v, float):
+                continue
+            if not math.isfinite(v) or abs(v) > _F32_MAX or 0 < abs(v) < _F32_TINY:
+                errors.append(f"{dotted}: got {value!r}; expected a finite value a float32 can "
+                              f"hold (0 or 1.2e-38 <= |value| <= 3.4e38)")
+                break
+            if dotted in _REWARD_SCALES and abs(v) > _REWARD_SCALE_MAX:
+                errors.append(f"{dotted}: got {v!r}; expected <= {_REWARD_SCALE_MAX:g} (rewards "
+                              "are squared and summed in float32)")
+                break
+
+
 _AGG_MODES = typing.get_args(AggMode)
 
 
@@ -260,10 +290,13 @@ def validate(cfg: Config) -> Config:
     _check_types(cfg, "", errors)
     if errors:
         raise _invalid(errors)
+    _float32_errors(cfg, "", errors)
     for dotted, (ok, allowed) in _RANGES.items():
         v = _get(cfg, dotted)
         if v is not None and (isinstance(v, float) and not math.isfinite(v) or not ok(v)):
             errors.append(f"{dotted}: got {v!r}; expected {allowed}")
+    if errors:  # the cross-field rules below assume each field in range (e.g. divide by it)
+        raise _invalid(errors)
     a, t, o = cfg.actor, cfg.trainer, cfg.algorithm.omega
     if not all(0 <= b < 1 for b in a.betas):
         errors.append(f"actor.betas: got {list(a.betas)!r}; expected two values in [0, 1)")
@@ -355,11 +388,27 @@ def load_config(path: str | os.PathLike | None = None,
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {os.fspath(path)!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.load(f, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{os.fspath(path)}: invalid YAML ({e})") from None
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ConfigError(f"{os.fspath(path)}: cannot read the config file "
+                              f"({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{os.fspath(path)}:{line}: not UTF-8 text (byte "
+                              f"0x{raw[e.start]:02x} at offset {e.start}); save the config as "
+                              "UTF-8") from None
+        loader = _Loader(text)
+        loader.name = os.fspath(path)  # duplicate-key errors name the file
+        try:
+            data = loader.get_single_data()
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{os.fspath(path)}: invalid YAML ({e})") from None
+        finally:
+            loader.dispose()
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{os.fspath(path)}: got {type(data).__name__}; expected a mapping")
     if isinstance(overrides, str):
