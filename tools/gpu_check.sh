@@ -11,19 +11,30 @@
 #              temperature)
 #   memcheck   compute-sanitizer --tool memcheck on tools/kernel_cases.py (every kernel, small)
 #   racecheck  the same with --tool racecheck
+#   vllm       only where vLLM imports (the 2-rank vLLM path needs 2 GPUs; this is its 1-GPU
+#              part): tools/gpu_vllm_check.py, the colocated engine in bf16 on the bundled model:
+#              sampling log-probs against the trainer's, sleep (level 1) / wake around an
+#              optimizer step with torch.cuda.mem_get_info free bytes awake / asleep / woken,
+#              sync_from, log-prob gap stale vs synced, greedy tokens against the HF engine
 #   bench      bench/bench_token_logprobs.py on the GPU: fwd and fwd+bwd, icpo vs eager vs
 #              TRL-style chunked, fp32 and bf16, V = 32000 and 151936, bandwidth over measured
 #              copy bandwidth
+#   bench_linear  bench/bench_linear_token_logprobs.py on the GPU: the fused LM head + log-prob
+#              op, T = 8192, H = 4096, V = 151936, bf16, icpo vs materialized logits vs the
+#              GEMM alone, TFLOP/s over the device's dense bf16 peak (PEAK_TFLOPS, default 989:
+#              H100/H200 SXM)
 #   train      examples/train_icpo.py on the GPU: bundled model, bf16, HF engine, DeepSpeed in one
 #              process, a few steps; must end with finite losses and metrics.jsonl
 # Results: $OUT (or bench/results/gpu_check/ when OUT is unset, or --out DIR): gpu_check.json
 # (device, driver, versions, every step's status and figures), gpu_check.log (all output),
-# cuda_tests.xml, logprobs_cuda.json, train_metrics.jsonl. At most 8 files, as the device tool
-# returns.
+# cuda_tests.xml, logprobs_cuda.json, linear_logprobs_cuda.json, vllm_check.json,
+# train_metrics.jsonl. At most 8 files, as the device tool returns.
 #
 # --dry-run: the same plumbing on this CPU (no build unless --build; tests collected and skipped;
-# kernel cases unsanitized on the CPU; a small CPU benchmark; a 2-step CPU training run), to
-# check the script where no GPU is.
+# kernel cases unsanitized on the CPU; small CPU benchmarks; the vLLM step in fp32 with
+# .venv-vllm's python when that venv exists (tools/vllm_cpu_env.sh; PYTHON_VLLM picks another);
+# a 2-step CPU training run), to check the script where no GPU is. Its budget defaults to 1200 s
+# (the shared 2-core machine is slower than the GPU machine's 16 cores).
 #
 # Usage: tools/gpu_check.sh [--dry-run] [--build] [--out DIR] [--budget SECONDS (default 450)]
 # On the lent machine: run tools/gpu_wheels.sh here first, then the device tool's run with
@@ -33,7 +44,7 @@ set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-dry=0 build=1 budget=450 out=${OUT:-}
+dry=0 build=1 budget= out=${OUT:-}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry=1; build=${build_forced:-0} ;;
@@ -44,6 +55,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
+budget=${budget:-$((dry ? 1200 : 450))}
 out=${out:-$repo/bench/results/gpu_check}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -133,6 +145,17 @@ assert b.cuda == torch.cuda.is_available(), "CUDA kernels built iff a GPU is her
 step tests 150 "$python" -m pytest -q -m cuda -p no:cacheprovider -rs \
   --junitxml="$out/cuda_tests.xml" tests
 
+# --- the colocated vLLM engine on one device ---
+vllm_python=${PYTHON_VLLM:-$python}
+[[ $dry == 1 && -z ${PYTHON_VLLM:-} && -x $repo/.venv-vllm/bin/python ]] &&
+  vllm_python=$repo/.venv-vllm/bin/python
+if "$vllm_python" -c 'import vllm' >/dev/null 2>&1; then
+  step vllm 120 "$vllm_python" tools/gpu_vllm_check.py --device "$device" \
+    --out "$out/vllm_check.json"
+else
+  say "no vLLM for $vllm_python: vllm step not run (pip install 'icpo[gpu]' for it)"
+fi
+
 # --- sanitizer ---
 if [[ $dry == 0 ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
@@ -153,6 +176,16 @@ fi
 step bench 150 "$python" bench/bench_token_logprobs.py --device "$device" --isolate no \
   --dtypes fp32 bf16 --name "logprobs_${device}_gpu_check" "${bench_args[@]}"
 cp -f "bench/results/logprobs_${device}_gpu_check.json" "$out/logprobs_${device}.json" 2>/dev/null
+if [[ $dry == 0 ]]; then
+  linear_args=(--shapes 8192x4096 --vocab 151936 --dtypes bf16 --methods icpo materialized gemm
+               --peak-tflops "${PEAK_TFLOPS:-989}" --max-mem-gb 60 --warmup 2 --iters 5)
+else
+  linear_args=(--quick --dtypes fp32 --methods icpo materialized gemm)
+fi
+step bench_linear 90 "$python" bench/bench_linear_token_logprobs.py --device "$device" \
+  --name "linear_logprobs_${device}_gpu_check" "${linear_args[@]}"
+cp -f "bench/results/linear_logprobs_${device}_gpu_check.json" \
+  "$out/linear_logprobs_${device}.json" 2>/dev/null
 
 # --- a short training run ---
 train_dir=$work/train

@@ -1,12 +1,14 @@
 """Summarize a tools/gpu_check.sh run into gpu_check.json and print a short table.
 
 Reads, from --out: .steps.jsonl (each step's status and seconds), cuda_tests.xml (pytest's JUnit
-report), logprobs_<device>.json (bench/bench_token_logprobs.py) and train_metrics.jsonl (the
-training run). Records the device, driver and versions, and the issue's targets (reported either
+report), logprobs_<device>.json (bench/bench_token_logprobs.py), linear_logprobs_<device>.json
+(bench/bench_linear_token_logprobs.py), vllm_check.json (tools/gpu_vllm_check.py, where vLLM was
+installed) and train_metrics.jsonl (the training run). Records the device, driver and versions, and the issue's targets (reported either
 way): token_logprobs forward >= 70 % of copy bandwidth, forward+backward >= 5x eager, forward
 extra memory < 5 % of the logits.
 
-Exit: 0 when every step ran ok, no test failed and the training losses are finite; 1 otherwise.
+Exit: 0 when every step ran ok, no test failed, the vLLM check (if it ran) passed and the
+training losses are finite; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -85,6 +87,21 @@ def bench(path: Path) -> dict | None:
     return out
 
 
+def linear(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    keep = ("T", "H", "V", "dtype", "mode", "method", "p50_ms", "TFLOPs", "peak_fraction",
+            "x_gemm_floor", "time_vs_materialized", "extra_over_logits", "note")
+    return {"rows": [{k: r[k] for k in keep if k in r} for r in data["rows"]]}
+
+
+def vllm(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
 def train(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -110,11 +127,14 @@ def main(argv=None) -> int:
     summary = {"dry_run": bool(args.dry_run), "device": args.device, "machine": machine(),
                "steps": steps, "tests": tests(args.out / "cuda_tests.xml"),
                "bench": bench(args.out / f"logprobs_{args.device}.json"),
+               "bench_linear": linear(args.out / f"linear_logprobs_{args.device}.json"),
+               "vllm": vllm(args.out / "vllm_check.json"),
                "train": train(args.out / "train_metrics.jsonl")}
     ok = (all(s["status"] == "ok" for s in steps) and bool(steps)
           and summary["tests"] is not None
           and not (summary["tests"]["failures"] or summary["tests"]["errors"])
-          and bool(summary["train"] and summary["train"]["finite_losses"]))
+          and bool(summary["train"] and summary["train"]["finite_losses"])
+          and (summary["vllm"] is None or bool(summary["vllm"].get("passed"))))
     summary["passed"] = ok
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
@@ -137,6 +157,21 @@ def main(argv=None) -> int:
                   f"{r['extra_over_logits']:.3f} of logits")
         print("  targets: " + ", ".join(f"{k[7:]}={v}" for k, v in b.items()
                                         if k.startswith("target_")))
+    lin = summary["bench_linear"]
+    if lin:
+        print("  icpo linear_token_logprobs (fused LM head):")
+        for r in lin["rows"]:
+            if "p50_ms" in r:
+                print(f"    {r['T']}x{r['H']}x{r['V']} {r['dtype']:<4} {r['mode']:<6} "
+                      f"{r['method']:<12} {r['p50_ms']:9.3f} ms {r.get('TFLOPs') or 0:7.3g} "
+                      f"TFLOP/s ({r.get('peak_fraction') or 0:.2f} of peak)")
+    v = summary["vllm"]
+    if v:
+        mem = v.get("memory") or {}
+        print(f"  vllm ({v.get('dtype')}): passed={v.get('passed')} synced gap "
+              f"{v.get('synced_gap')} (stale {v.get('stale_gap')}), sampling log-prob gap "
+              f"{v.get('sampling_logprob_gap')}, sleep frees {mem.get('freed_by_sleep_GiB')} GiB, "
+              f"greedy equal {v.get('greedy_equal_fraction')} {v.get('error') or ''}")
     tr = summary["train"]
     if tr:
         print(f"  train: {tr['records']} records, finite losses {tr['finite_losses']}, "
