@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     data = workdir / "train.jsonl"
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_jsonl(make_records("train", args.prompts * (args.steps + 1)), data.with_suffix(".tmp"))
-        data.with_suffix(".tmp").rename(data)
+        tmp = data.with_suffix(".tmp")
+        write_jsonl(make_records("train", args.prompts * (args.steps + 1)), tmp)
+        tmp.rename(data)
     while not data.exists():
         time.sleep(0.2)
     trainers = {e: make_trainer(args, e, workdir) for e in ENGINES}

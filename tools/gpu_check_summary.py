@@ -3,9 +3,9 @@
 Reads, from --out: .steps.jsonl (each step's status and seconds), cuda_tests.xml (pytest's JUnit
 report), logprobs_<device>.json (bench/bench_token_logprobs.py), linear_logprobs_<device>.json
 (bench/bench_linear_token_logprobs.py), vllm_check.json (tools/gpu_vllm_check.py, where vLLM was
-installed) and train_metrics.jsonl (the training run). Records the device, driver and versions, and the issue's targets (reported either
-way): token_logprobs forward >= 70 % of copy bandwidth, forward+backward >= 5x eager, forward
-extra memory < 5 % of the logits.
+installed) and train_metrics.jsonl (the training run). Records the device, driver and versions,
+and the issue's targets (reported either way): token_logprobs forward >= 70 % of copy
+bandwidth, forward+backward >= 5x eager, forward extra memory < 5 % of the logits.
 
 Exit: 0 when every step ran ok, no test failed, the vLLM check (if it ran) passed and the
 training losses are finite; 1 otherwise.

@@ -66,7 +66,7 @@ def run(args, result: dict) -> bool:
 
     from icpo.models import resolve_model_path
     from icpo.rollout import HFRolloutEngine, SamplingParams
-    from icpo.rollout.vllm_engine import VLLMRolloutEngine, sleep_mode_supported
+    from icpo.rollout.vllm_engine import VLLMRolloutEngine
     from icpo.trainer.batching import micro_batches
     from icpo.trainer.scoring import score_all
 
