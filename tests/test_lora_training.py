@@ -319,6 +319,14 @@ def test_an_explicit_ref_path_loads_a_separate_reference(task, tmp_path):
     trainer.train()
 
 
+def test_target_modules_matching_nothing_is_one_line(task, tmp_path, capsys):
+    argv = ["train", "--config", str(PRESET),
+            *make_cfg_overrides(task, tmp_path / "run", "model.target_modules=[no_such_proj]")]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert last.startswith("icpo train: error: model.target_modules: ['no_such_proj']: "), last
+
+
 # ----------------------------------------------------------------------------- config
 
 def test_config_fields_and_their_checks():

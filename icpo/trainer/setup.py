@@ -132,11 +132,16 @@ def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> Tr
 def _with_adapters(policy: torch.nn.Module, model_cfg) -> torch.nn.Module:
     """``policy`` wrapped in PEFT LoRA adapters; the adapter records the base model as an
     absolute folder (or the hub id), so ``PeftModel.from_pretrained`` finds it from anywhere."""
+    from icpo.errors import UserError
     from icpo.models.lora import apply_lora
 
     targets = model_cfg.target_modules
-    peft = apply_lora(policy, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout,
-                      targets if isinstance(targets, str) else list(targets))
+    try:
+        peft = apply_lora(policy, model_cfg.lora_rank, model_cfg.lora_alpha,
+                          model_cfg.lora_dropout,
+                          targets if isinstance(targets, str) else list(targets))
+    except ValueError as e:  # the config checked the numbers: PEFT refused the layers
+        raise UserError(f"model.target_modules: {targets!r}: {e}") from None
     local = resolve_model_path(model_cfg.path)
     if os.path.isdir(local):
         peft.peft_config[peft.active_adapter].base_model_name_or_path = os.path.abspath(local)
