@@ -7,8 +7,9 @@ base weights end bit for bit as loaded; the reference log-probs of a step after 
 the base model's, from the same module (no second copy); a checkpoint holds the adapters in
 PEFT's format (PeftModel.from_pretrained gives the live logits) and a DeepSpeed state of the
 adapters alone; stop after step 1 + resume to step 2 == 2 uninterrupted steps, bit for bit, at
-ZeRO-0 and ZeRO-2 (and ZeRO-3, slow); a 2-process ZeRO-2 run (slow); model.ref_path still loads a separate reference; ``icpo eval`` on a LoRA
-checkpoint equals ``icpo eval`` on its ``icpo export --merged`` model; the config's checks.
+ZeRO-0 and ZeRO-2 (and ZeRO-3, slow); a 2-process ZeRO-2 run (slow); model.ref_path still
+loads a separate reference; ``icpo eval`` on a LoRA checkpoint equals ``icpo eval`` on its
+``icpo export --merged`` model; one-line errors; the config's checks.
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ def test_target_modules_matching_nothing_is_one_line(task, tmp_path, capsys):
 
 def test_config_fields_and_their_checks():
     cfg = config_from_dict(None, ["model.lora_rank=16", "model.lora_alpha=32",
-                                  "model.lora_dropout=0.05", "model.target_modules=[q_proj,v_proj]"])
+                                  "model.lora_dropout=0.05",
+                                  "model.target_modules=[q_proj,v_proj]"])
     m = cfg.model
     assert (m.lora_rank, m.lora_alpha, m.lora_dropout, m.target_modules) == (
         16, 32.0, 0.05, ["q_proj", "v_proj"])
