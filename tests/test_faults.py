@@ -157,6 +157,9 @@ def _fake_run(out: Path, step: int | None = 2, cfg: Config | None = None,
         if fingerprint:
             state["data_fingerprint"] = fingerprint
         (out / "checkpoints" / name / "trainer_state.json").write_text(json.dumps(state))
+        ds = out / "checkpoints" / name / "deepspeed" / "state"  # preflight reads its directory
+        ds.mkdir(parents=True)
+        torch.save({}, ds / "mp_rank_00_model_states.pt")
         (out / "checkpoints" / "latest").write_text(name)
 
 
@@ -292,7 +295,8 @@ def test_compare_for_resume_lists_every_changed_field():
     new = {"actor": {"lr": 2.0, "kl_coef": 0.1}, "trainer": {"total_steps": 4, "output_dir": "b"}}
     warnings = run_folder.compare_for_resume(old, new, saved_data=None, new_data="x",
                                              resume_total_steps="refuse")
-    assert warnings == ["actor.lr changed on resume: 1.0 -> 2.0"]
+    assert warnings == ["actor.lr changed on resume: 1.0 -> 2.0; the optimizer continues with "
+                        "the new value (the lr through the schedule at the resumed step)"]
 
 
 # ----------------------------------------------------------------------------- case 5 (ops)

@@ -17,11 +17,13 @@ need ``output_dir`` on one shared file system (docs/distributed.md; ``check_rank
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +97,40 @@ def _without_frozen_weights(module: torch.nn.Module):
         handle.remove()
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or torch's zip writer failing (it reports a full disk as
+    ``[enforce fail at inline_container.cc] ... file write failed``, never naming the disk)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "write failed" in text
+                                            or "No space left" in text)
+
+
 def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; returns its final path."""
+    """Write checkpoint ``step`` under ``root`` atomically; returns its final path. A full
+    disk is a one-line UserError naming it; the half-written ``.step_k.tmp`` is removed (the
+    previous checkpoint and ``latest`` are untouched)."""
+    tmp = root / f".step_{step:06d}.tmp"
+    try:
+        return _save_checkpoint(root, step, actor, tokenizer, trainer_state)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e):
+            raise
+        if dist.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = getattr(e, "filename", None) or tmp
+        try:
+            free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise UserError(f"no space left on device writing {where} (checkpoint step {step}{free}); "
+                        "free space or point trainer.output_dir at a larger disk, then resume "
+                        "from the last checkpoint") from None
+
+
+def _save_checkpoint(root: Path, step: int, actor, tokenizer,
+                     trainer_state: dict[str, Any]) -> Path:
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if dist.rank() == 0:
@@ -123,19 +157,88 @@ def save_checkpoint(root: Path, step: int, actor, tokenizer, trainer_state: dict
     return final
 
 
+_HYPERPARAMETERS = ("betas", "weight_decay", "eps")
+"""Optimizer settings of the resuming config that win over the checkpoint's (with the lr)."""
+
+
+def _schedule_groups(actor) -> tuple[Any, list[dict[str, Any]]]:
+    sched = getattr(actor, "lr_scheduler", None)
+    opt = sched.optimizer if sched is not None else actor.optimizer
+    return sched, opt.param_groups
+
+
+def _apply_resumed_hyperparameters(actor, base_lrs: list[float] | None,
+                                   hyper: list[dict[str, Any]]) -> None:
+    """Loading the optimizer and schedule brings back the checkpoint's lr, betas and weight
+    decay; the run continues with the resuming config's (the values the optimizer was built
+    with), as TRL and verl runs do when a resume changes them: the new base lr goes through
+    the schedule at the resumed step. Unchanged values are left exactly as loaded."""
+    sched, groups = _schedule_groups(actor)
+    for group, values in zip(groups, hyper):
+        group.update(values)
+    if sched is None or base_lrs is None or list(sched.base_lrs) == base_lrs:
+        return
+    sched.base_lrs = list(base_lrs)
+    lambdas = getattr(sched, "lr_lambdas", None)
+    for i, (group, base) in enumerate(zip(groups, base_lrs)):
+        group["initial_lr"] = base
+        factor = lambdas[i](sched.last_epoch) if lambdas else 1.0
+        group["lr"] = base * factor
+    sched._last_lr = [g["lr"] for g in groups]
+
+
 def load_checkpoint(path: Path, actor) -> dict[str, Any]:
     """Restore engine, optimizer, schedule and this rank's RNG from ``path``; returns the
-    trainer state saved with it."""
+    trainer state saved with it. The lr, betas and weight decay are the resuming config's
+    (:func:`_apply_resumed_hyperparameters`)."""
+    sched, groups = _schedule_groups(actor)
+    base_lrs = list(sched.base_lrs) if sched is not None else None
+    hyper = [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in groups]
     # LoRA: the saved module state holds the adapters only; the base weights stay as loaded.
-    load_path, _ = actor.load_checkpoint(str(path / "deepspeed"), tag=_DS_TAG,
-                                         load_module_strict=not _is_lora(actor),
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    check_checkpoint_files(path)
+    try:
+        load_path, _ = actor.load_checkpoint(str(path / "deepspeed"), tag=_DS_TAG,
+                                             load_module_strict=not _is_lora(actor),
+                                             load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    except Exception as e:  # noqa: BLE001 (torch.load / DeepSpeed raise many types for a bad file)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise _unreadable(path, f"{type(e).__name__}: {first}") from None
     if load_path is None:
-        raise FileNotFoundError(f"no DeepSpeed state in {path / 'deepspeed'}")
+        raise _unreadable(path, "DeepSpeed found no state in it")
+    _apply_resumed_hyperparameters(actor, base_lrs, hyper)
     rng_file = path / f"rng_rank{dist.rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _unreadable(path: Path, problem: str) -> UserError:
+    """A checkpoint that cannot be resumed, naming the previous complete one if there is any."""
+    def step_of(p: Path) -> int:
+        return int(p.name[5:]) if p.name[5:].isdigit() else -1
+
+    older = sorted((p for p in path.parent.glob("step_*") if 0 <= step_of(p) < step_of(path)
+                    and (p / "trainer_state.json").is_file()), key=step_of)
+    hint = (f"; resume from the previous one with --resume {older[-1]}" if older
+            else "; no earlier checkpoint to resume from")
+    return UserError(f"--resume: checkpoint {path} is truncated or incomplete ({problem}){hint}")
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """The DeepSpeed state of checkpoint ``path`` is there and every file of it whole (a torch
+    zip file keeps its directory at the end: a truncated one has none). Reads directories only;
+    run before the model loads (preflight) and again by :func:`load_checkpoint`."""
+    state = path / "deepspeed" / _DS_TAG
+    files = sorted(state.glob("*.pt")) if state.is_dir() else []
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        raise _unreadable(path, f"no DeepSpeed model state in {state}")
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise _unreadable(path, f"{f.relative_to(path)}: {e}") from None
 
 
 def check_ranks_agree(checkpoint: Path | None, trainer_state: dict[str, Any] | None) -> None:

@@ -250,6 +250,9 @@ def _resume_and_folder(cfg: Config, out: Path, resume: str | None, overwrite: bo
         result.notes += run_folder.clean_stale(out / "checkpoints")
     result.checkpoint = _choose_checkpoint(out, resume, overwrite, result.notes)
     if result.checkpoint is not None:
+        from icpo.trainer.checkpoint import check_checkpoint_files
+
+        check_checkpoint_files(result.checkpoint)  # a truncated DeepSpeed state, before any load
         state = _read_state(result.checkpoint)
         if "config" in state:
             result.notes += run_folder.compare_for_resume(

@@ -237,6 +237,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+APPLIED_ON_RESUME = ("actor.lr", "actor.betas", "actor.weight_decay")
+"""Optimizer settings a resume may change: icpo.trainer.checkpoint.load_checkpoint puts the
+resuming config's values into the loaded optimizer and schedule."""
+
+
 def compare_for_resume(saved: dict[str, Any], new: dict[str, Any], *, saved_data: str | None,
                        new_data: str, resume_total_steps: str) -> list[str]:
     """Check the config a checkpoint was written with against the resuming one. Raises
@@ -267,5 +272,8 @@ def compare_for_resume(saved: dict[str, Any], new: dict[str, Any], *, saved_data
         if name in must or name in IGNORED or name == "trainer.total_steps":
             continue
         if old.get(name) != cur.get(name):
-            warnings.append(f"{name} changed on resume: {old.get(name)!r} -> {cur.get(name)!r}")
+            applied = ("; the optimizer continues with the new value (the lr through the "
+                       "schedule at the resumed step)" if name in APPLIED_ON_RESUME else "")
+            warnings.append(f"{name} changed on resume: {old.get(name)!r} -> "
+                            f"{cur.get(name)!r}{applied}")
     return warnings
