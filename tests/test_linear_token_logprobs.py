@@ -147,6 +147,21 @@ def test_bf16_sums_over_many_vocabulary_slices_keep_fp32(seed):
         assert max_err(o, b) <= 2 * max_err(r, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_slices_merge_exactly_with_peaked_and_wide_logits(dtype):
+    # Slices of 128 columns (chunk_size=1) whose softmax masses differ by e^-60 and more: the
+    # merge of per-slice log-sum-exp and entropy must lose nothing (fp64: to rounding).
+    hidden, weight, b, labels = make_inputs((9,), 7, 1000, dtype, seed=20)
+    weight = weight * 8  # logits ~ N(0, 16^2)
+    b[900] = 60.0  # one entry in the last slice dominates every row
+    labels[:4] = torch.tensor([3, 899, 900, 130])
+    logp, entropy = linear_token_logprobs(hidden, weight, labels, bias=b, chunk_size=1)
+    t_logp, t_entropy = truth_fn(hidden, weight, labels, bias=b)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4}[dtype]
+    torch.testing.assert_close(logp.double(), t_logp, atol=tol, rtol=tol)
+    torch.testing.assert_close(entropy.double(), t_entropy, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("which", ["logp_only", "entropy_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_output_only(which, dtype):
