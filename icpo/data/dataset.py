@@ -80,7 +80,8 @@ def _to_record(raw: Any, where: str, index: int, stem: str, prompt_key: str,
     try:
         answer = _lookup(raw, answer_key)
     except KeyError as e:
-        raise DataError(f"{where}: record has no ground truth (missing key {e.args[0]!r})") from None
+        raise DataError(
+            f"{where}: record has no ground truth (missing key {e.args[0]!r})") from None
     try:
         to_messages(prompt, "none")
     except TypeError as e:
@@ -122,7 +123,8 @@ def _iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _iter_raw(path: str) -> Iterator[tuple[str, Any]]:
@@ -148,7 +150,8 @@ def _iter_raw(path: str) -> Iterator[tuple[str, Any]]:
         for lineno, row in _iter_json_lines(path):
             yield f"{path}:{lineno}", row
     else:
-        raise DataError(f"{path}: unsupported file type {ext!r}; expected .jsonl, .json or .parquet")
+        raise DataError(
+            f"{path}: unsupported file type {ext!r}; expected .jsonl, .json or .parquet")
 
 
 def _first_char(path: str) -> str:
@@ -244,7 +247,8 @@ class PromptSampler:
     sequence of batches.
     """
 
-    def __init__(self, num_items: int, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, num_items: int, batch_size: int, shuffle: bool = True,
+                 seed: int = 0) -> None:
         if not isinstance(num_items, int) or num_items < 1:
             raise ValueError(f"num_items: got {num_items!r}; expected an int >= 1")
         if not isinstance(batch_size, int) or batch_size < 1:

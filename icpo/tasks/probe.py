@@ -45,7 +45,8 @@ def sample_graded(model, tok, records: list[dict], g: int, seed: int, max_new_to
     from icpo.rollout.base import SamplingParams
     from icpo.rollout.hf import HFRolloutEngine
 
-    prompts = [tok(build_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"] for r in records]
+    prompts = [tok(build_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+               for r in records]
     engine = HFRolloutEngine(model, tok, batch_size=batch_size)
     params = SamplingParams(n=g, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     batch = engine.generate(prompts, params)
@@ -53,7 +54,8 @@ def sample_graded(model, tok, records: list[dict], g: int, seed: int, max_new_to
     truth = [r["reward_model"]["ground_truth"] for r in records for _ in range(g)]
     scores = [compute_score("", t, gt) for t, gt in zip(texts, truth)]
     correct = [s["acc"] == 1.0 for s in scores]
-    return Graded(texts, correct, [s["score"] for s in scores], batch.prompt_ids, batch.response_ids, g)
+    return Graded(texts, correct, [s["score"] for s in scores], batch.prompt_ids,
+                  batch.response_ids, g)
 
 
 @torch.no_grad()

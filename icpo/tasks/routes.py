@@ -67,7 +67,8 @@ def route_steps(expr: str, route: str) -> tuple[list[str], int]:
 
 
 def route_response(expr: str, route: str) -> str:
-    """The Table 5 formatted response of ``route``: ``<think> ... </think> <answer> n </answer>``."""
+    """The Table 5 formatted response of ``route``:
+    ``<think> ... </think> <answer> n </answer>``."""
     steps, answer = route_steps(expr, route)
     return f"<think> {', '.join(steps)} </think> <answer> {answer} </answer>"
 
@@ -91,7 +92,8 @@ def route_of(response: str) -> str | None:
     return None
 
 
-def pretraining_response(expr: str, rng: random.Random, route_b_fraction: float = ROUTE_B_FRACTION) -> str:
+def pretraining_response(expr: str, rng: random.Random,
+                         route_b_fraction: float = ROUTE_B_FRACTION) -> str:
     """One pretraining response for ``expr``: route B with probability ``route_b_fraction``."""
     if not 0.0 <= route_b_fraction <= 1.0:
         raise ValueError(f"route_b_fraction: expected a number in [0, 1], got {route_b_fraction!r}")

@@ -113,7 +113,8 @@ class Guard:
             raise TrainingStopped(
                 f"stopped at step {step}: the policy collapsed to uniform (mean token entropy "
                 f"{entropy:.4f} >= {self.collapse_frac} * log(vocab size) = {level:.4f}; "
-                "trainer.collapse_entropy_frac); lower actor.lr and resume from the last checkpoint")
+                "trainer.collapse_entropy_frac); lower actor.lr and resume from the last "
+                "checkpoint")
 
     def check_checkpointable(self, step: int, module: torch.nn.Module,
                              probe_logits: torch.Tensor) -> None:
@@ -130,9 +131,9 @@ class Guard:
         if not weights_finite(module) or any_rank(bad) or any_rank(uniform):
             raise TrainingStopped(
                 f"stopped at step {step}: the policy's weights or outputs are "
-                f"{'uniform' if uniform else 'NaN/inf'}, so this step was not checkpointed (earlier "
-                "checkpoints are intact); lower actor.lr or set actor.grad_clip and resume "
-                "from the last one")
+                f"{'uniform' if uniform else 'NaN/inf'}, so this step was not checkpointed "
+                "(earlier checkpoints are intact); lower actor.lr or set actor.grad_clip and "
+                "resume from the last one")
 
     def metrics(self, skipped_now: int) -> dict[str, float]:
         return {"guard/skipped_steps": float(skipped_now), "guard/skipped_total": float(self.total)}
