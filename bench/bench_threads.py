@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine_info, write_results  # noqa: E402
+from _common import RESULTS_DIR, machine_info, write_results  # noqa: E402  (after the sys.path setup for bench/)
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
@@ -128,8 +128,10 @@ def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="steps of the main job per run (default 10)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10,
+                   help="steps of the main job per run (default 10)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians reported)")
     p.add_argument("--out", default=str(RESULTS_DIR / "threads.json"))
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                           + " ".join(f"{s:7.1f} s" for s in secs), flush=True)
     results = summarize(times)
     for mode, r in results.items():
-        print(f"{mode:8s} alone {r['alone_s']:7.1f} s   busy/alone {r['busy_ratio']:.2f} (target <= 1.5)"
+        print(f"{mode:8s} alone {r['alone_s']:7.1f} s   "
+              f"busy/alone {r['busy_ratio']:.2f} (target <= 1.5)"
               f"   pair/alone {r['pair_ratio_max']:.2f} worst of two (target <= 2.5)"
               + (f"   old/this: {r['old_over_this']}" if "old_over_this" in r else ""))
     payload = {"benchmark": "threads", "steps": args.steps, "repeats": args.repeats,

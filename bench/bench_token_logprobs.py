@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, time_fn, write_results  # noqa: E402
+from _common import machine_info, markdown_table, time_fn, write_results  # noqa: E402  (after the sys.path setup for bench/)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PROVIDERS = ("icpo", "eager", "chunked")
@@ -135,7 +135,7 @@ def measure(cfg: dict) -> dict:
     """Run in a spawned child: build inputs, measure peak extra memory, then time."""
     import torch
 
-    import icpo  # noqa: F401
+    import icpo  # noqa: F401  (registers torch.ops.icpo.*)
 
     device = cfg["device"]
     dtype = getattr(torch, DTYPES[cfg["dtype"]])
@@ -277,7 +277,8 @@ def main(argv=None) -> None:
     args = _args(argv)
     import torch
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = (args.device if args.device != "auto"
+              else ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = [(args.tokens or t, v) for t, v in args.shapes]
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device == "cpu")
     copy_gbps = copy_bandwidth(device)
@@ -292,7 +293,8 @@ def main(argv=None) -> None:
                     row = {"T": T, "V": V, "dtype": dname, "mode": mode, "provider": provider,
                            "logits_MB": logits_bytes / 2**20}
                     # eager/chunked upcast to fp32, so estimates scale with fp32 bytes for them.
-                    est = EST_PEAK[(provider, mode)] * T * V * (itemsize if provider == "icpo" else 4)
+                    est = (EST_PEAK[(provider, mode)] * T * V
+                           * (itemsize if provider == "icpo" else 4))
                     if est + logits_bytes > args.max_mem_gb * 2**30:
                         row["note"] = f"skipped: est. {(est + logits_bytes) / 2**30:.1f} GB"
                         rows.append(row)

@@ -29,9 +29,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_model as base  # noqa: E402  (sibling script; scripts/ is not a package)
 
-from icpo.models import TINY_MODEL, TINY_ROUTES_MODEL, bundled_model_dir  # noqa: E402
-from icpo.tasks.arithmetic import iter_expressions  # noqa: E402
-from icpo.tasks.routes import DIFFICULTY, ROUTE_B_FRACTION, pretraining_response  # noqa: E402
+from icpo.models import TINY_MODEL, TINY_ROUTES_MODEL, bundled_model_dir  # noqa: E402  (after sys.path setup)
+from icpo.tasks.arithmetic import iter_expressions  # noqa: E402  (after sys.path setup)
+from icpo.tasks.routes import DIFFICULTY, ROUTE_B_FRACTION, pretraining_response  # noqa: E402  (after sys.path setup)
 
 
 def train(model, tokenizer, args) -> None:
@@ -49,17 +49,21 @@ def train(model, tokenizer, args) -> None:
         ids, labels = base.sft_batch(tokenizer, exprs, responses)
         loss_sum += base.sft_step(model, opt, sched, ids, labels)
         if step % args.log_every == 0:
-            print(f"step {step:5d}  loss {loss_sum / args.log_every:.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  loss {loss_sum / args.log_every:.4f}  "
+                  f"{time.time() - t0:.0f}s", flush=True)
             loss_sum = 0.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(bundled_model_dir(TINY_ROUTES_MODEL)), help="output folder")
+    p.add_argument("--out", default=str(bundled_model_dir(TINY_ROUTES_MODEL)),
+                   help="output folder")
     p.add_argument("--init", default=str(bundled_model_dir(TINY_MODEL)), help="model to start from")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = reproducible weights)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 = reproducible weights)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--route-b", type=float, default=ROUTE_B_FRACTION, help="share of route-B responses")
+    p.add_argument("--route-b", type=float, default=ROUTE_B_FRACTION,
+                   help="share of route-B responses")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
@@ -85,8 +89,8 @@ def main(argv=None) -> None:
     greedy = base.evaluate(model, tokenizer, report)
     pass_1 = base.evaluate(model, tokenizer, report, k=1, temperature=1.0)
     base.save_atomically(model, tokenizer, args.out)
-    print(f"val ({args.report_n}): greedy acc {greedy:.3f}, pass@1(T=1) {pass_1:.3f}; saved to {args.out}; "
-          f"total {time.time() - t0:.0f}s", flush=True)
+    print(f"val ({args.report_n}): greedy acc {greedy:.3f}, pass@1(T=1) {pass_1:.3f}; "
+          f"saved to {args.out}; total {time.time() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

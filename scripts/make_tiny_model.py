@@ -31,10 +31,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from icpo.data.templates import R1_SYSTEM_PROMPT
 from icpo.models import bundled_model_dir
 from icpo.tasks.arithmetic import Difficulty, gold_response, iter_expressions, question, solve
-
-from icpo.data.templates import R1_SYSTEM_PROMPT
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen-style; with no system message the R1 system prompt is inserted, as the model was trained.
@@ -54,8 +53,10 @@ CHAT_TEMPLATE = (
 _ANSWER_RE = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
 
 
-def build_tokenizer(vocab_size: int, num_texts: int, difficulty: Difficulty) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over digit-split text; merges may cross spaces so the fixed prompt compresses."""
+def build_tokenizer(vocab_size: int, num_texts: int,
+                    difficulty: Difficulty) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over digit-split text; merges may cross spaces so the fixed prompt
+    compresses."""
     tok = Tokenizer(models.BPE())
     # Digits first (each digit its own pre-token, never merged), then bytes without the GPT-2
     # word regex, so the repeated system prompt can merge into a handful of tokens.
@@ -114,12 +115,14 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
 
 def prompt_ids(tokenizer, expr: str) -> list[int]:
     """Token ids of the R1-templated prompt for ``expr`` (ends with the assistant header)."""
-    messages = [{"role": "system", "content": R1_SYSTEM_PROMPT}, {"role": "user", "content": question(expr)}]
+    messages = [{"role": "system", "content": R1_SYSTEM_PROMPT},
+                {"role": "user", "content": question(expr)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def sft_batch(tokenizer, exprs: list[str], responses: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, exprs: list[str],
+              responses: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [B, L]`` and ``labels [B, L]`` (-100 outside response + EOS).
 
     ``responses`` (one per expression) default to the gold responses. Right padding needs no
@@ -148,20 +151,24 @@ def extract_int(text: str) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, exprs: list[str], k: int = 1, temperature: float = 0.0, batch: int = 128):
-    """Fraction of ``exprs`` with at least one correct answer among ``k`` samples (greedy if T=0)."""
+def evaluate(model, tokenizer, exprs: list[str], k: int = 1, temperature: float = 0.0,
+             batch: int = 128):
+    """Fraction of ``exprs`` with at least one correct answer among ``k`` samples (greedy if
+    T=0)."""
     model.eval()
     tokenizer.padding_side = "left"
     hits = 0
     for start in range(0, len(exprs), batch):
         chunk = exprs[start : start + batch]
-        enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, e) for e in chunk]}, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, e) for e in chunk]},
+                            return_tensors="pt")
         sample = temperature > 0
         out = model.generate(
             **enc, max_new_tokens=64, do_sample=sample, num_return_sequences=k,
             **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {}),
         )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :],
+                                       skip_special_tokens=True)
         for i, expr in enumerate(chunk):
             truth = solve(expr)[1]
             hits += any(extract_int(t) == truth for t in texts[i * k : (i + 1) * k])
@@ -201,12 +208,13 @@ def train(model, tokenizer, args, difficulty: Difficulty) -> int:
         loss_sum += sft_step(model, opt, sched, ids, labels)
         if step % args.eval_every == 0:
             acc = evaluate(model, tokenizer, monitor)
-            print(f"step {step:5d}  loss {loss_sum / args.eval_every:.4f}  test greedy acc {acc:.3f}  "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  loss {loss_sum / args.eval_every:.4f}  "
+                  f"test greedy acc {acc:.3f}  {time.time() - t0:.0f}s", flush=True)
             loss_sum = 0.0
             if acc >= args.target_acc:
                 return step
-    raise SystemExit(f"did not reach --target-acc {args.target_acc} within --max-steps {args.max_steps}")
+    raise SystemExit(f"did not reach --target-acc {args.target_acc} "
+                     f"within --max-steps {args.max_steps}")
 
 
 def _make_readable(folder: str) -> None:
@@ -238,7 +246,8 @@ def save_atomically(model, tokenizer, out: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(bundled_model_dir()), help="output folder")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = reproducible weights)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 = reproducible weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer-texts", type=int, default=20000)
@@ -268,8 +277,9 @@ def main(argv=None) -> None:
     model = build_model(tokenizer, args)
     n_params = sum(p.numel() for p in model.parameters())
     example = held_out("val", 1, difficulty)[0]
-    print(f"tokenizer: {len(tokenizer)} tokens; prompt of {example!r}: {len(prompt_ids(tokenizer, example))} "
-          f"tokens; model: {n_params} parameters; {time.time() - t0:.0f}s", flush=True)
+    print(f"tokenizer: {len(tokenizer)} tokens; prompt of {example!r}: "
+          f"{len(prompt_ids(tokenizer, example))} tokens; model: {n_params} parameters; "
+          f"{time.time() - t0:.0f}s", flush=True)
     steps = train(model, tokenizer, args, difficulty)
     report = held_out("val", args.report_n, difficulty)
     torch.manual_seed(args.seed)

@@ -50,7 +50,8 @@ def measure(model_path: str, task: str, n: int, g: int, seed: int, max_new_token
 
     difficulty, route_of = _task(task)
     model, tok = load(model_path)
-    graded = sample_graded(model, tok, make_records("val", n, difficulty=difficulty), g, seed, max_new_tokens)
+    graded = sample_graded(model, tok, make_records("val", n, difficulty=difficulty), g, seed,
+                           max_new_tokens)
     texts, correct = graded.texts, graded.correct
     conf = response_confidence(model, graded.prompt_ids, graded.response_ids)
     conf_t = torch.tensor(conf)  # float32, as the trainer
@@ -69,18 +70,22 @@ def measure(model_path: str, task: str, n: int, g: int, seed: int, max_new_token
             r["correct"] += ok
             r["conf_sum"] += c
         summary["routes"] = {k: {"share": v["n"] / len(texts), "accuracy": v["correct"] / v["n"],
-                                 "mean_confidence": v["conf_sum"] / v["n"]} for k, v in sorted(routes.items())}
+                                 "mean_confidence": v["conf_sum"] / v["n"]}
+                             for k, v in sorted(routes.items())}
     return summary
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="icpo/tiny-routes")
-    p.add_argument("--task", default="routes", help="'routes' (the testbed) or 'arithmetic' (icpo/tiny's)")
-    p.add_argument("--n", type=int, default=300, help="held-out val prompts (>= 200 for the report)")
+    p.add_argument("--task", default="routes",
+                   help="'routes' (the testbed) or 'arithmetic' (icpo/tiny's)")
+    p.add_argument("--n", type=int, default=300,
+                   help="held-out val prompts (>= 200 for the report)")
     p.add_argument("--g", type=int, default=5, help="responses per prompt (the paper's G = 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--delta", type=float, default=0.5, help="Eq. 9 delta for the bonus-at-cap count")
+    p.add_argument("--delta", type=float, default=0.5,
+                   help="Eq. 9 delta for the bonus-at-cap count")
     p.add_argument("--tau", type=float, default=2.0, help="Eq. 11 tau for the bonus-at-cap count")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the summary to this JSON file")
@@ -93,7 +98,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    summary = measure(args.model, args.task, args.n, args.g, args.seed, delta=args.delta, tau=args.tau)
+    summary = measure(args.model, args.task, args.n, args.g, args.seed, delta=args.delta,
+                      tau=args.tau)
     summary["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=1))
     if args.json:

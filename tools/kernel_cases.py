@@ -18,9 +18,14 @@ import sys
 
 import torch
 
-import icpo  # noqa: F401
-from icpo.ops import icpo_advantages, grpo_advantages, preference_scores, segment_mean
-from icpo.ops import token_logprobs
+import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+from icpo.ops import (
+    grpo_advantages,
+    icpo_advantages,
+    preference_scores,
+    segment_mean,
+    token_logprobs,
+)
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
@@ -77,7 +82,8 @@ def main(argv=None) -> int:
         ok &= _close(f"icpo_advantages {name}", a, b, 1e-9)
     ok &= _close("grpo_advantages", grpo_advantages(rewards.to(dev), group_offsets=offsets.to(dev)),
                  grpo_advantages(rewards, group_offsets=offsets), 1e-9)
-    ok &= _close("preference_scores", preference_scores(conf.to(dev), group_offsets=offsets.to(dev)),
+    ok &= _close("preference_scores",
+                 preference_scores(conf.to(dev), group_offsets=offsets.to(dev)),
                  preference_scores(conf, group_offsets=offsets), 1e-9)
     if dev == "cuda":
         torch.cuda.synchronize()
