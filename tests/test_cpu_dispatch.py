@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import icpo  # noqa: F401  (registers torch.ops.icpo.*)
-from icpo.ops import (cpu_capability, forced_cpu_capability, set_cpu_capability,
-                      supported_cpu_capabilities, token_logprobs)
 from _accuracy import SEED
 from test_segment_mean import check_segment_mean
 from test_token_logprobs import _grads, check_backward, check_forward, make_inputs, truth, truth_fn
+
+import icpo  # noqa: F401  (registers torch.ops.icpo.*)
+from icpo.ops import (
+    cpu_capability,
+    forced_cpu_capability,
+    set_cpu_capability,
+    supported_cpu_capabilities,
+    token_logprobs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SUPPORTED = supported_cpu_capabilities()

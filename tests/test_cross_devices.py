@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _accuracy import SEED, assert_within_2x_plain, rounding_floor
+from test_token_logprobs import backward_floor, forward_floor, plain
 
 import icpo  # noqa: F401  (registers torch.ops.icpo.*)
-from _accuracy import SEED, assert_within_2x_plain, rounding_floor
-from icpo.ops import (grpo_advantages, icpo_advantages, preference_scores, reference,
-                      segment_mean, token_logprobs)
-from test_token_logprobs import backward_floor, forward_floor, plain
+from icpo.ops import (
+    grpo_advantages,
+    icpo_advantages,
+    preference_scores,
+    reference,
+    segment_mean,
+    token_logprobs,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[

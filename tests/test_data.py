@@ -40,7 +40,8 @@ def make_tokenizer(chat_template=True, add_bos=False):
             trainer = trainers.BpeTrainer(
                 vocab_size=400, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-            tok.train_from_iterator([R1_SYSTEM_PROMPT, "What is 2 + 3?", "User: Assistant:"] * 3, trainer)
+            tok.train_from_iterator([R1_SYSTEM_PROMPT, "What is 2 + 3?", "User: Assistant:"] * 3,
+                                    trainer)
             _CACHE["tok"] = tok.to_str()
     tok = Tokenizer.from_str(_CACHE["tok"])
     if add_bos:
@@ -73,7 +74,8 @@ def test_jsonl_parquet_and_json_give_the_same_records(tmp_path):
     jl = write_jsonl(tmp_path / "d.jsonl", rows)
     pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "d.parquet")
     (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
-    a, b, c = load_records(jl), load_records(tmp_path / "d.parquet"), load_records(tmp_path / "d.json")
+    a, b, c = (load_records(jl), load_records(tmp_path / "d.parquet"),
+               load_records(tmp_path / "d.json"))
     assert a[0].prompt == MSGS and a[0].ground_truth == "5" and a[0].data_source == "toy"
     assert a[0].extra_info == {"index": 0} and a[0].index == 0
     assert a[1].prompt == "Plain text question?" and a[1].ground_truth == "42" and a[1].index == 1
@@ -159,7 +161,8 @@ def test_build_prompt_with_chat_template():
 
 def test_build_prompt_plain_format_without_chat_template():
     tok = make_tokenizer(chat_template=False)
-    assert build_prompt(tok, MSGS, "r1") == f"System: {R1_SYSTEM_PROMPT}\nUser: What is 2 + 3?\nAssistant:"
+    assert (build_prompt(tok, MSGS, "r1")
+            == f"System: {R1_SYSTEM_PROMPT}\nUser: What is 2 + 3?\nAssistant:")
     assert build_prompt(tok, MSGS, "none") == "User: What is 2 + 3?\nAssistant:"
     assert build_prompt(tok, "Q: 2+3=", "none") == "Q: 2+3="
     bos_tok = make_tokenizer(chat_template=False, add_bos=True)
@@ -227,7 +230,8 @@ def test_sampler_epochs_are_permutations_and_deterministic():
     assert batches[0] + batches[1] != batches[2] + batches[3]  # reshuffled each epoch
     assert _take(PromptSampler(10, 5, True, 3), 6) == batches
     assert _take(PromptSampler(10, 5, True, 4), 6) != batches
-    assert _take(PromptSampler(10, 5, False, 3), 3) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+    assert _take(PromptSampler(10, 5, False, 3), 3) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9],
+                                                        [0, 1, 2, 3, 4]]
 
 
 def test_sampler_batches_span_epoch_boundaries_without_dropping():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _accuracy import SEED, assert_within_2x_plain, rounding_floor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
-from _accuracy import SEED, assert_within_2x_plain, rounding_floor
 from icpo.ops import grpo_advantages, icpo_advantages, preference_scores, reference
 
 HAS_CUDA = torch.cuda.is_available()

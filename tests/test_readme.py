@@ -48,13 +48,15 @@ def _env() -> dict[str, str]:
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{shlex.join(argv)} failed:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
 
 def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
-    """``extra`` overrides inserted before any ``--resume`` (whose optional PATH would take them)."""
+    """``extra`` overrides inserted before any ``--resume`` (whose optional PATH would take
+    them)."""
     at = args.index("--resume") if "--resume" in args else len(args)
     return args[:at] + extra + args[at:]
 

@@ -1,4 +1,5 @@
-"""icpo.rewards: format/answer rewards (Eq. 10), plug-in loading, RewardFn, noise, uniform groups."""
+"""icpo.rewards: format/answer rewards (Eq. 10), plug-in loading, RewardFn, noise, uniform
+groups."""
 
 import threading
 
@@ -20,7 +21,6 @@ from icpo.rewards import (
     num_noisy,
     uniform_group_mask,
 )
-
 
 # ----------------------------------------------------------------------------- format
 
@@ -143,7 +143,8 @@ def test_load_reward_fn_forms(tmp_path):
     assert load_reward_fn(f"{__name__}:Holder.dict_reward") is Holder.dict_reward
     assert load_reward_fn("icpo.rewards.verifiable:compute_score") is compute_score
     f = tmp_path / "my_reward.py"
-    f.write_text("def fn(data_source, solution_str, ground_truth, extra_info=None):\n    return 0.25\n")
+    f.write_text("def fn(data_source, solution_str, ground_truth, extra_info=None):\n"
+                 "    return 0.25\n")
     assert load_reward_fn(f"{f}:fn")("d", "s", "g", None) == 0.25
 
 
@@ -161,7 +162,8 @@ def test_load_reward_fn_errors_name_the_path(dotted, exc, fragment):
 
 
 def _rec(gt, source="toy"):
-    return PromptRecord(prompt="q", ground_truth=gt, data_source=source, extra_info={"k": 1}, index=0)
+    return PromptRecord(prompt="q", ground_truth=gt, data_source=source, extra_info={"k": 1},
+                        index=0)
 
 
 def test_reward_fn_default_and_group_broadcast():
@@ -222,7 +224,8 @@ def test_noise_exact_count_and_magnitude(n, fraction):
 
 
 def test_noise_rounding_signs_and_determinism():
-    assert [num_noisy(n, f) for n, f in [(10, 0.4), (5, 0.5), (7, 0.5), (3, 0.5), (4, 0.1)]] == [4, 3, 4, 2, 0]
+    assert ([num_noisy(n, f) for n, f in [(10, 0.4), (5, 0.5), (7, 0.5), (3, 0.5), (4, 0.1)]]
+            == [4, 3, 4, 2, 0])
     r = torch.zeros(2000)
     a, ma = add_reward_noise(r, 0.4, 0.3, torch.Generator().manual_seed(5))
     b, mb = add_reward_noise(r, 0.4, 0.3, torch.Generator().manual_seed(5))

@@ -11,13 +11,20 @@ import torch
 from icpo.rewards.verifiable import answer_reward, extract_answer
 from icpo.tasks.arithmetic import make_records, solve
 from icpo.tasks.probe import Graded
-from icpo.tasks.routes import (DIFFICULTY, pretraining_response, route_of, route_response, route_steps,
-                               slips)
+from icpo.tasks.routes import (
+    DIFFICULTY,
+    pretraining_response,
+    route_of,
+    route_response,
+    route_steps,
+    slips,
+)
 
 
 def test_route_a_drops_the_sign_and_route_b_adds_the_opposite():
     assert route_response("4 - 8 - 9", "A") == "<think> 4-8=4, 4-9=5 </think> <answer> 5 </answer>"
-    assert route_response("4 - 8 - 9", "B") == "<think> 4+(-8)=-4, -4+(-9)=-13 </think> <answer> -13 </answer>"
+    assert (route_response("4 - 8 - 9", "B")
+            == "<think> 4+(-8)=-4, -4+(-9)=-13 </think> <answer> -13 </answer>")
     assert route_steps("3 * 4 - 2", "A") == (["3*4=12", "12-2=10"], 10)
     assert route_steps("3 * 4 - 2", "B") == (["3*4=12", "12+(-2)=10"], 10)
     assert route_steps("2 - (3 - 9)", "B") == (["3+(-9)=-6", "2+6=8"], 8)
@@ -80,7 +87,8 @@ def test_bundled_testbed_model_is_small_and_shares_the_tokenizer():
     folder = bundled_model_dir(TINY_ROUTES_MODEL)
     assert resolve_model_path(TINY_ROUTES_MODEL) == str(folder)
     assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
-    assert (folder / "tokenizer.json").read_bytes() == (bundled_model_dir(TINY_MODEL) / "tokenizer.json").read_bytes()
+    assert ((folder / "tokenizer.json").read_bytes()
+            == (bundled_model_dir(TINY_MODEL) / "tokenizer.json").read_bytes())
 
 
 def test_testbed_model_takes_the_slipping_route_greedily():
@@ -97,4 +105,5 @@ def test_testbed_model_takes_the_slipping_route_greedily():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=48, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert route_of(text) == "A" and extract_answer(text) == str(route_steps("3 - 11 * 2", "A")[1]), text
+    assert (route_of(text) == "A"
+            and extract_answer(text) == str(route_steps("3 - 11 * 2", "A")[1])), text

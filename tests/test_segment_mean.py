@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _accuracy import SEED, assert_within_2x_plain, rounding_floor
 
 import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
-from _accuracy import SEED, assert_within_2x_plain, rounding_floor
 from icpo.ops import pack_padded, reference, segment_mean, unpack_to_padded
 
 HAS_CUDA = torch.cuda.is_available()
@@ -54,7 +54,7 @@ def check_segment_mean(lengths, dtype, index_dtype=torch.int64, device="cpu", wh
                            what=f"{what} grad", seed=seed)
 
 
-@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda l: f"B{len(l)}T{sum(l)}")
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda lens: f"B{len(lens)}T{sum(lens)}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=str)
 def test_matches_reference(lengths, dtype, index_dtype):

@@ -67,7 +67,8 @@ def test_gold_chain_recomputes_ground_truth(split):
 
 
 def test_negative_right_operand_is_parenthesized():
-    assert gold_response("5 - (2 - 9) * 2").startswith("<think> 2-9=-7, -7*2=-14, 5-(-14)=19 </think>")
+    assert gold_response("5 - (2 - 9) * 2").startswith(
+        "<think> 2-9=-7, -7*2=-14, 5-(-14)=19 </think>")
     assert "3*(-1)=-3" in gold_response("3 * (0 - 1)")
 
 
@@ -89,14 +90,16 @@ def test_splits_disjoint_and_deduplicated():
     assert not set(exprs["train"]) & set(exprs["test"])
     assert not set(exprs["val"]) & set(exprs["test"])
     # even with other seeds, a held-out expression never lands in train
-    assert not {r["extra_info"]["expression"] for r in make_records("train", 3000, seed=99)} & set(exprs["val"])
+    assert not ({r["extra_info"]["expression"] for r in make_records("train", 3000, seed=99)}
+                & set(exprs["val"]))
 
 
 def test_record_schema():
     rec = make_records("val", 3)[1]
     assert set(rec) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
     assert rec["data_source"] == "icpo/arithmetic" and rec["ability"] == "math"
-    assert rec["prompt"] == [{"role": "user", "content": "Compute: " + rec["extra_info"]["expression"]}]
+    assert rec["prompt"] == [{"role": "user",
+                              "content": "Compute: " + rec["extra_info"]["expression"]}]
     assert rec["reward_model"]["style"] == "rule"
     assert rec["extra_info"]["split"] == "val" and rec["extra_info"]["index"] == 1
     json.dumps(rec)
@@ -148,7 +151,8 @@ def test_write_jsonl_and_cli(tmp_path):
     assert os.listdir(path.parent) == ["v.jsonl"]  # no temp file left behind
     out = tmp_path / "cli"
     subprocess.run([sys.executable, "-m", "icpo.tasks.arithmetic", "--out", str(out),
-                    "--train", "7", "--val", "3", "--max-ops", "4"], check=True, capture_output=True)
+                    "--train", "7", "--val", "3", "--max-ops", "4"],
+                   check=True, capture_output=True)
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert train == make_records("train", 7, difficulty=Difficulty(max_ops=4))
     assert len((out / "val.jsonl").read_text().splitlines()) == 3

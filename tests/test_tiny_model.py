@@ -10,10 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from icpo.data.templates import R1_SYSTEM_PROMPT
 from icpo.models import TINY_MODEL, bundled_model_dir, resolve_model_path
 from icpo.tasks.arithmetic import make_records
-
-from icpo.data.templates import R1_SYSTEM_PROMPT
 
 RESPONSE_RE = re.compile(r"^<think> \S.* </think> <answer> (-?\d+) </answer>$")
 MODEL_DIR = resolve_model_path(TINY_MODEL)
@@ -42,7 +41,8 @@ def _prompt(tokenizer, content, system=True):
 
 def test_resolve_model_path():
     assert MODEL_DIR == str(bundled_model_dir()) and os.path.isabs(MODEL_DIR)
-    assert os.path.samefile(MODEL_DIR, os.path.join(os.path.dirname(__file__), "..", "icpo", "models", "tiny"))
+    assert os.path.samefile(MODEL_DIR, os.path.join(os.path.dirname(__file__), "..", "icpo",
+                                                    "models", "tiny"))
     assert resolve_model_path("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"
     assert resolve_model_path("/some/dir") == "/some/dir"
 
@@ -76,7 +76,8 @@ def test_tokenizer_round_trip_and_digits(tokenizer):
 def test_special_tokens(tokenizer, model):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     im_end, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert tokenizer("a<|im_start|>b<|im_end|>", add_special_tokens=False)["input_ids"][-1] == im_end
+    assert (tokenizer("a<|im_start|>b<|im_end|>", add_special_tokens=False)["input_ids"][-1]
+            == im_end)
     assert model.config.eos_token_id == im_end and model.config.pad_token_id == pad
     assert im_end in model.generation_config.eos_token_id
     assert model.config.vocab_size >= len(tokenizer)
@@ -88,9 +89,11 @@ def test_chat_template_renders_table5_prompt(tokenizer):
                     "<|im_start|>user\nCompute: 1 + 2<|im_end|>\n<|im_start|>assistant\n")
     assert _prompt(tokenizer, "Compute: 1 + 2", system=False) == text  # R1 prompt by default
     other = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+         {"role": "assistant", "content": "A"}],
         tokenize=False)
-    assert other == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert other == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
+                     "<|im_start|>assistant\nA<|im_end|>\n")
     # the fixed system prompt compresses to a few tokens, so the whole prompt is short
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 40
 
@@ -109,8 +112,10 @@ def test_loads_offline_and_answers_in_format():
         "assert out[-1].item() == tok.eos_token_id, out\n"
         "sys.stdout.write(tok.decode(out, skip_special_tokens=True))\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent-hf-home")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME="/nonexistent-hf-home")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd="/")
     assert res.returncode == 0, res.stderr[-2000:]
     assert RESPONSE_RE.match(res.stdout), res.stdout
 
@@ -119,7 +124,8 @@ def test_loads_offline_and_answers_in_format():
 def test_heldout_accuracy_band(tokenizer, model):
     recs = make_records("val", 50)
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in recs]
+    texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+             for r in recs]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=64, do_sample=False)
     responses = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _accuracy import EPS32, SEED, assert_within_2x_plain
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import icpo.ops  # noqa: F401  (registers torch.ops.icpo.*)
-from _accuracy import EPS32, SEED, assert_within_2x_plain
 from icpo.ops import reference, token_logprobs
 
 LOWP = (torch.bfloat16, torch.float16)

@@ -13,8 +13,17 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[2])  # the tests folder
-from test_trl_integration import G, ICPOConfig, ICPOTrainer, GRPOConfig, GRPOTrainer  # noqa: E402
-from test_trl_integration import config, dataset, MODEL, trl_confidence  # noqa: E402
+from test_trl_integration import (  # noqa: E402  (after sys.path gets the tests folder)
+    MODEL,
+    G,
+    GRPOConfig,
+    GRPOTrainer,
+    ICPOConfig,
+    ICPOTrainer,
+    config,
+    dataset,
+    trl_confidence,
+)
 
 
 def brevity(completion_ids, **_):
