@@ -24,7 +24,7 @@ namespace {
 // 4 KiB at a time. Asking for transparent huge pages before that first touch (what torch does
 // under THP_MEM_ALLOC_ENABLE) cuts the faults 512x, but the kernel must then find (or compact)
 // free 2 MiB frames, compacting memory inside the fault: on this project's VMs a first backward at
-// [4096, 151936] fp32 took 17-39 s with the hint against 1.2-4.4 s without (docs/cpu_kernels.md).
+// [4096, 151936] fp32 took 11-39 s with the hint against 1.2-5.3 s without (docs/cpu_kernels.md).
 // So the hint is opt-in: ICPO_HUGE_PAGES=1 (0 or unset: off), read on the first backward. Best
 // effort: ignored where THP is off or unsupported.
 bool huge_pages_requested() {
