@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.name=grpo")
     args = parser.parse_args(argv)
+    from icpo.cli import split_resume
+
+    split_resume(args)  # `--resume actor.lr=1e-6`: the override is no checkpoint path
 
     from icpo.runtime import set_thread_env_defaults
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from icpo.trainer import Trainer
     from icpo.trainer.distributed import exit_launched_process
     from icpo.trainer.interrupt import train_to_end
-    from icpo.trainer.plots import plot_metrics
+    from icpo.trainer.summary import print_summary
 
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     history, code = train_to_end(trainer)
@@ -87,15 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank != 0:
         exit_launched_process(0)
         return 0
-    out = Path(cfg.trainer.output_dir)
-    png = plot_metrics(out / "metrics.jsonl", out / "curves.png",
-                       title=f"{cfg.algorithm.name.upper()} on {cfg.model.path}")
-    val = [(h["step"], h["val/accuracy"]) for h in history if "val/accuracy" in h]
-    if val:
-        (s0, a0), (s1, a1) = val[0], val[-1]
-        print(f"held-out accuracy: {a0:.3f} (step {s0}) -> {a1:.3f} (step {s1}), "
-              f"{100 * (a1 - a0):+.1f} points")
-    print(f"metrics: {out / 'metrics.jsonl'}\nplot: {png}\ncheckpoints: {out / 'checkpoints'}")
+    print_summary(cfg, history)
     exit_launched_process(0)
     return 0
 

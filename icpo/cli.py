@@ -16,6 +16,7 @@ from __future__ import annotations
 # Only the standard library at module level: --help and argument errors must not wait for torch.
 import argparse
 import json
+import re
 import sys
 
 from icpo.runtime import set_thread_env_defaults
@@ -30,10 +31,22 @@ def _train(args: argparse.Namespace) -> int:
     from icpo.trainer import Trainer
     from icpo.trainer.distributed import exit_launched_process
     from icpo.trainer.interrupt import train_to_end
+    from icpo.trainer.summary import print_summary
 
-    _, code = train_to_end(Trainer(cfg, resume=args.resume, overwrite=args.overwrite))
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    history, code = train_to_end(trainer)
+    if code == 0 and trainer.rank == 0:
+        print_summary(cfg, history)
     exit_launched_process(code)
     return code
+
+
+def split_resume(args: argparse.Namespace) -> None:
+    """``--resume a.b=c``: argparse takes the override as the checkpoint PATH (``--resume``'s
+    value is optional). An argument holding '=' is an override, never a path."""
+    if getattr(args, "resume", None) and "=" in args.resume and args.resume != "auto":
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "auto"
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
@@ -179,12 +192,21 @@ def _make_arithmetic(args: argparse.Namespace) -> int:
 def _train_help() -> str:
     from icpo.config.doc import help_text
 
-    return help_text()
+    return plain(help_text())
+
+
+def plain(text: str) -> str:
+    """reST markup as a terminal shows it: ``x`` and :func:`x` become 'x'."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"'\1'", text)
+    return re.sub(r"``(.+?)``", r"'\1'", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from icpo import __version__
+
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="icpo", description=__doc__, formatter_class=raw)
+    parser = argparse.ArgumentParser(prog="icpo", description=plain(__doc__), formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"icpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with GRPO or ICPO", formatter_class=raw,
@@ -282,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_thread_env_defaults()  # before anything imports torch
     args = build_parser().parse_args(argv)
+    split_resume(args)
     prog = " ".join(["icpo", args.command, *filter(None, [getattr(args, "data_command", None)])])
     return run_main(prog, lambda: args.fn(args))
 

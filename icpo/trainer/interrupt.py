@@ -167,6 +167,9 @@ def stop_report(trainer: Any, guard: InterruptGuard, error: Exception | None = N
                                                    else "; no checkpoint yet")
     if saved or latest:
         tail += f"; resume: {resume_hint(str(trainer.output_dir))}"
+    else:  # the folder holds this run's files but no checkpoint: --resume would refuse it too
+        tail += (f"; to start again: icpo train --config {trainer.output_dir}/config.yaml "
+                 "--overwrite")
     checkpoint = saved or (str(latest) if latest else None)
     if error is not None:
         return type(error)(f"{error} (stopped after {where}; {tail})")

@@ -265,6 +265,9 @@ def _resume_and_folder(cfg: Config, out: Path, resume: str | None, overwrite: bo
                                 f"{state['world_size']}: training continues, but not bitwise as "
                                 "it would have (per-rank random states differ)")
         result.trainer_state = state
+        if rank0:
+            print(f"icpo: resuming from {result.checkpoint} (step {state.get('step', '?')})",
+                  file=sys.stderr)
     if rank0:
         if overwrite:
             run_folder.clear_run(out)
