@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for e in ENGINES:
         timed = rows[e][args.warmup:]
-        med = {k: statistics.median(r[k] for r in timed) for k in ("step_s", "generation_s", "sync_s")}
+        med = {k: statistics.median(r[k] for r in timed)
+               for k in ("step_s", "generation_s", "sync_s")}
         med["gen_tokens_per_s"] = (sum(r["tokens"] for r in timed)
                                    / sum(r["generation_s"] for r in timed))
         med["build_s"] = trainers[e][1]

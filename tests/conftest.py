@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "icpo" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path.home() / ".cache" / "icpo" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -47,7 +47,8 @@ def test_packed_scoring_matches_unpacked(tiny_random_model_dir):
     temperature = 0.7
     with torch.no_grad():
         packed = torch.cat([response_logprobs(model, b, temperature)[0] for b in batches])
-        one_batch = response_logprobs(model, pack_samples(prompts, responses, [0, 1, 2]), temperature)[0]
+        one_batch = response_logprobs(model, pack_samples(prompts, responses, [0, 1, 2]),
+                                      temperature)[0]
         expected = []
         for p, r in zip(prompts, responses):
             logits = model(torch.tensor([p + r])).logits[0].float() / temperature

@@ -197,7 +197,8 @@ def test_trl_loss(loss_type, is_level):
                              f"actor.importance_sampling_level={is_level}",
                              "actor.entropy_coef=0.01"])
     packed, padded = batch([3, 12, 1, 7, 5, 9, 2, 6], seed=2)
-    micro = [[0, 1], [2, 3], [4, 5], [6, 7]]  # per_device_train_batch_size = 2, 4 accumulation steps
+    # per_device_train_batch_size = 2, 4 accumulation steps
+    micro = [[0, 1], [2, 3], [4, 5], [6, 7]]
     torch.testing.assert_close(icpo_loss(cfg, packed, micro),
                                trl_loss(padded, micro, loss_type, is_level), rtol=2e-6, atol=1e-7)
 

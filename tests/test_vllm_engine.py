@@ -89,7 +89,8 @@ def hf(model: torch.nn.Module, eos: int = EOS) -> HFRolloutEngine:
     return HFRolloutEngine(model, pad_token_id=0, eos_token_id=[eos])
 
 
-def vllm_logprobs(eng: VLLMRolloutEngine, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+def vllm_logprobs(eng: VLLMRolloutEngine, prompt: list[int],
+                  continuation: list[int]) -> torch.Tensor:
     """vLLM's log-probs of ``continuation`` after ``prompt`` (its prompt log-probs)."""
     from vllm import SamplingParams as VP
 
@@ -159,7 +160,8 @@ def test_weight_sync_matches_trained_model(pair):
     synced = vllm_logprobs(eng, prompt, continuation)
     assert (synced - after).abs().max() < TOL, (synced - after).abs().max()
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
-    assert eng.generate(PROMPTS, params).response_ids == hf(model).generate(PROMPTS, params).response_ids
+    expected = hf(model).generate(PROMPTS, params).response_ids
+    assert eng.generate(PROMPTS, params).response_ids == expected
     assert eng.enable_sleep_mode == sleep_mode_supported()
 
 
@@ -233,7 +235,8 @@ def test_stop_tokens_and_length_caps(pair):
     stopping = VLLMRolloutEngine(None, eos_token_ids=[stop], llm=eng.llm, enable_sleep_mode=False)
     for cap in (24, 2):
         params = SamplingParams(temperature=0.0, max_new_tokens=cap)
-        ours, ref = stopping.generate(PROMPTS, params), hf(model, eos=stop).generate(PROMPTS, params)
+        ours = stopping.generate(PROMPTS, params)
+        ref = hf(model, eos=stop).generate(PROMPTS, params)
         assert ours.response_ids == ref.response_ids
         assert ours.finish_reasons == ref.finish_reasons
         for resp, reason in zip(ours.response_ids, ours.finish_reasons):
@@ -241,7 +244,8 @@ def test_stop_tokens_and_length_caps(pair):
             assert (reason == "stop") == (resp[-1] == stop)
             assert reason == "stop" or len(resp) == cap
     assert ours.finish_reasons[0] == "length"  # stop sits at index 3, past the 2-token cap
-    assert "stop" in stopping.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=24)).finish_reasons
+    wide = SamplingParams(temperature=0.0, max_new_tokens=24)
+    assert "stop" in stopping.generate(PROMPTS, wide).finish_reasons
 
 
 @pytest.mark.parametrize("engine_temperature", [0.8, 1.3])

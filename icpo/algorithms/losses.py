@@ -137,7 +137,8 @@ def aggregate(values: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "token
         if max_response_length is None or max_response_length <= 0:
             raise ValueError(f"max_response_length must be a positive int for {mode}, "
                              f"got {max_response_length!r}")
-        return values.sum() / (max_response_length * _positive("global_seqs", global_seqs, num_seqs))
+        seqs = _positive("global_seqs", global_seqs, num_seqs)
+        return values.sum() / (max_response_length * seqs)
     denom = _positive("global_seqs", global_seqs, num_seqs)
     if mode == "seq-mean-token-sum":  # the responses' token sums add up to S
         return values.sum() / denom

@@ -58,7 +58,8 @@ def build_prompt(tokenizer: Any, prompt: Prompt, template: str = "r1") -> str:
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not isinstance(text, str):
-            raise TypeError(f"tokenizer.apply_chat_template returned {type(text).__name__}, expected str")
+            raise TypeError(f"tokenizer.apply_chat_template returned {type(text).__name__}, "
+                            "expected str")
         return text
     if template == "none" and isinstance(prompt, str):
         # No template and no chat template: the text is a ready-made completion prompt.

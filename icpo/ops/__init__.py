@@ -21,15 +21,19 @@ except ImportError as exc:
 if torch.__version__ != _build_info.torch_version:
     # A C++ extension only works with the torch it was compiled against; a build in an isolated
     # environment (pip install . without --no-build-isolation) may have used another one.
-    raise ImportError(f"icpo's compiled extension was built against torch {_build_info.torch_version}"
-                      f" but torch {torch.__version__} is installed: rebuild it against this torch"
-                      " with `pip install --no-build-isolation --no-deps -e .` (or without -e)")
+    raise ImportError("icpo's compiled extension was built against torch "
+                      f"{_build_info.torch_version} but torch {torch.__version__} is installed: "
+                      "rebuild it against this torch with "
+                      "`pip install --no-build-isolation --no-deps -e .` (or without -e)")
 
 from icpo import _C  # noqa: E402,F401  (registers torch.ops.icpo.*)
-
 from icpo.ops import reference
-from icpo.ops.cpu import (cpu_capability, forced_cpu_capability, set_cpu_capability,
-                          supported_cpu_capabilities)
+from icpo.ops.cpu import (
+    cpu_capability,
+    forced_cpu_capability,
+    set_cpu_capability,
+    supported_cpu_capabilities,
+)
 from icpo.ops.group_advantages import (
     ICPOAdvantages,
     grpo_advantages,

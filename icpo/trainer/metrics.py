@@ -77,7 +77,8 @@ class MetricsLogger:
         self._recover_torn_line()
         if resumed:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": start_step, "event": "resume", "time": time.time()}) + "\n")
+                marker = {"step": start_step, "event": "resume", "time": time.time()}
+                f.write(json.dumps(marker) + "\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
