@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
@@ -90,11 +91,30 @@ class ICPOConfig(GRPOConfig):
 class ICPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose advantages are ICPO's (:func:`icpo.ops.icpo_advantages`)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, ICPOConfig):
-            raise TypeError("ICPOTrainer needs args=ICPOConfig(...), "
-                            f"got {type(self.args).__name__}")
+    # GRPOTrainer's parameters (trl 1.16) spelled out, so IDEs and help() show them; anything
+    # a later TRL adds goes through **kwargs.
+    def __init__(self, model: Any, reward_funcs: Any = None, args: ICPOConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, reward_processing_classes: Any = None,
+                 callbacks: list[Any] | None = None, optimizers: tuple[Any, Any] = (None, None),
+                 quantization_config: Any = None, peft_config: Any = None,
+                 tools: list[Callable] | None = None, rollout_func: Callable | None = None,
+                 environment_factory: Any = None, **kwargs: Any):
+        """As ``GRPOTrainer``'s; ``args`` must be an :class:`ICPOConfig` (None: the defaults,
+        output in ``<model name>-ICPO``, as GRPOTrainer makes ``<model name>-GRPO``)."""
+        if args is None:
+            name = model if isinstance(model, str) else getattr(
+                getattr(model, "config", None), "_name_or_path", None) or "model"
+            args = ICPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-ICPO")
+        if not isinstance(args, ICPOConfig):  # before the model loads
+            raise TypeError(f"ICPOTrainer needs args=ICPOConfig(...), got {type(args).__name__}")
+        super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes,
+                         callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config,
+                         tools=tools, rollout_func=rollout_func,
+                         environment_factory=environment_factory, **kwargs)
         params = sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters())
         self.icpo_delta = (self.args.icpo_delta if self.args.icpo_delta is not None
                            else default_delta(params))
