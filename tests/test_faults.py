@@ -296,7 +296,7 @@ def test_compare_for_resume_lists_every_changed_field():
     warnings = run_folder.compare_for_resume(old, new, saved_data=None, new_data="x",
                                              resume_total_steps="refuse")
     assert warnings == ["actor.lr changed on resume: 1.0 -> 2.0; the optimizer continues with "
-                        "the new value (the lr through the schedule at the resumed step)"]
+                        "the new value (through the lr schedule from the resumed step)"]
 
 
 # ----------------------------------------------------------------------------- case 5 (ops)

@@ -272,8 +272,10 @@ def compare_for_resume(saved: dict[str, Any], new: dict[str, Any], *, saved_data
         if name in must or name in IGNORED or name == "trainer.total_steps":
             continue
         if old.get(name) != cur.get(name):
-            applied = ("; the optimizer continues with the new value (the lr through the "
-                       "schedule at the resumed step)" if name in APPLIED_ON_RESUME else "")
+            applied = ("; the optimizer continues with the new value" if name in
+                       APPLIED_ON_RESUME else "")
+            if name == "actor.lr":
+                applied += " (through the lr schedule from the resumed step)"
             warnings.append(f"{name} changed on resume: {old.get(name)!r} -> "
                             f"{cur.get(name)!r}{applied}")
     return warnings
