@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, write_results  # noqa: E402
+from _common import machine_info, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("hf", "vllm")

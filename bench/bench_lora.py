@@ -41,7 +41,7 @@ from pathlib import Path
 from icpo._io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import markdown_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "examples" / "configs" / "tiny_cpu.yaml"

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, time_fn, write_results  # noqa: E402
+from _common import machine_info, markdown_table, time_fn, write_results
 
-from icpo.rollout.base import SamplingParams  # noqa: E402
-from icpo.rollout.sampling import sample_categorical, sample_next  # noqa: E402
+from icpo.rollout.base import SamplingParams
+from icpo.rollout.sampling import sample_categorical, sample_next
 
 
 def multinomial_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:

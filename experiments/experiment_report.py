@@ -158,7 +158,7 @@ def summarize(setting: dict, by_seed: dict[int, list[dict]]) -> dict:
                  "last_step": max((int(r.get("step", 0)) for r in by_seed[k]), default=0),
                  "diagnostics": {key: step_mean(by_seed[k], key) for key, _ in DIAG_KEYS}}
                 for k in seeds]
-    pick = lambda name: [p[name] for p in per_seed]  # noqa: E731
+    pick = lambda name: [p[name] for p in per_seed]  # noqa: E731  (a one-line helper)
     return {**{k: setting[k] for k in ("group", "label", "slug", "algorithm", "run")},
             "per_seed": per_seed,
             "final_val_acc": mean_std(pick("final_val_acc")),
@@ -216,7 +216,7 @@ def _ci(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
     """``+1.2 [-0.3, +2.7]``, in points by default (no interval under two seeds)."""
     if stat["mean"] is None:
         return "n/a"
-    f = lambda v: f"{scale * v:+.{digits}f}"  # noqa: E731
+    f = lambda v: f"{scale * v:+.{digits}f}"  # noqa: E731  (a one-line helper)
     if stat["ci95"] is None:
         return f(stat["mean"])
     lo, hi = stat["ci95"]

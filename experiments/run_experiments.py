@@ -49,9 +49,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import experiment_data as data  # noqa: E402  (sibling modules; experiments/ is not a package)
-import experiment_report as report  # noqa: E402
+import experiment_report as report  # noqa: E402  (after sys.path setup)
 
-from icpo.config.schema import OmegaSchedule  # noqa: E402
+from icpo.config.schema import OmegaSchedule  # noqa: E402  (after sys.path setup)
 
 TRAIN_SCRIPT = ROOT / "examples" / "train_icpo.py"
 PRESET = ROOT / "examples" / "configs" / "routes_cpu.yaml"

@@ -92,7 +92,7 @@ def check_range(flag: str, value: Any, *, at_least: float | None = None,
     if isinstance(value, bool) or not ok or not math.isfinite(value):
         raise UserError(f"{flag}: got {value!r}; expected {kind}")
     if at_least is not None and value < at_least or below is not None and value >= below:
-        num = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")  # noqa: E731
+        num = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")
         bounds = [f">= {num(at_least)}" if at_least is not None else "",
                   f"< {num(below)}" if below is not None else ""]
         raise UserError(f"{flag}: got {value!r}; expected {kind} "

@@ -37,10 +37,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, save_atomically  # noqa: E402
+from make_tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, save_atomically
 
-from icpo.data.templates import R1_SYSTEM_PROMPT  # noqa: E402
-from icpo.tasks.arithmetic import gold_response, iter_expressions, question  # noqa: E402
+from icpo.data.templates import R1_SYSTEM_PROMPT
+from icpo.tasks.arithmetic import gold_response, iter_expressions, question
 
 PAD, IM_START, EOS = SPECIAL_TOKENS  # "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 LEARNED_VOCAB = 4096

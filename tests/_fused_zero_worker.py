@@ -43,7 +43,8 @@ def _with_partitioned_head(real):
 def samples(rank: int, vocab: int) -> RolloutBatch:
     """Rank 1's prompts and responses are longer than rank 0's: more micro-batches."""
     g = torch.Generator().manual_seed(100 + rank)
-    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    ids = lambda n: torch.randint(  # noqa: E731  (a one-line helper)
+        3, vocab, (n,), generator=g).tolist()
     prompt_lens, resp_lens = [6 + 4 * rank, 9], [5, 3 + 6 * rank, 7, 2]
     prompts = [ids(prompt_lens[i // N]) for i in range(PROMPTS * N)]
     for i in range(1, len(prompts), N):  # a group's responses share its prompt

@@ -63,7 +63,8 @@ def _grouped_samples(V, seed=0):
     """Groups of 4 responses per prompt (prompts of different lengths, one prompt repeated in
     two groups), responses of length 1 to 13 including ties."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()  # noqa: E731
+    rand = lambda n: torch.randint(  # noqa: E731  (a one-line helper)
+        0, V, (n,), generator=gen).tolist()
     base = [rand(n) for n in (40, 37, 45)]
     prompt_list = [base[0], base[1], base[2], base[0]]
     prompts, responses = [], []

@@ -45,7 +45,7 @@ def icpo_loss(cfg, packed, micro):
     cu, total = packed["cu"], 0.0
     for idx in micro:
         s, e = cu[idx[0]].item(), cu[idx[-1] + 1].item()
-        tok = lambda x: x[s:e]  # noqa: E731
+        tok = lambda x: x[s:e]  # noqa: E731  (a one-line helper)
         adv_tok = torch.repeat_interleave(packed["adv"][idx], (cu[1:] - cu[:-1])[idx])
         loss, _ = grpo_loss(tok(packed["logp"]), tok(packed["old"]), tok(packed["ref"]),
                             tok(packed["ent"]), adv_tok, cu[idx[0]:idx[-1] + 2] - s, cfg.actor, L,

@@ -12,11 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import experiment_data as xd  # noqa: E402
-import experiment_report as rep  # noqa: E402
-import run_experiments as rx  # noqa: E402
+import experiment_data as xd  # noqa: E402  (after sys.path setup)
+import experiment_report as rep  # noqa: E402  (after sys.path setup)
+import run_experiments as rx  # noqa: E402  (after sys.path setup)
 
-from icpo.config import ConfigError, load_config, save_config  # noqa: E402
+from icpo.config import ConfigError, load_config, save_config  # noqa: E402  (after sys.path setup)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

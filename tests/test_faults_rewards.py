@@ -67,7 +67,7 @@ def call_with_watchdog(fn, *args, limit: float = 120.0):
     def target():
         try:
             box["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001  (handed to the caller, SystemExit too)
             box["error"] = e
 
     t = threading.Thread(target=target, daemon=True)

@@ -11,10 +11,10 @@ if trl.__version__ != "1.16.0":
     pytest.skip(f"icpo.integrations.trl is pinned to trl 1.16.0, found {trl.__version__}",
                 allow_module_level=True)
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402  (after the version skip)
 
-from icpo.integrations.trl import ICPOConfig, ICPOTrainer  # noqa: E402
-from icpo.models import resolve_model_path  # noqa: E402
+from icpo.integrations.trl import ICPOConfig, ICPOTrainer  # noqa: E402  (after the version skip)
+from icpo.models import resolve_model_path  # noqa: E402  (after the version skip)
 
 MODEL = resolve_model_path("icpo/tiny")
 

@@ -59,7 +59,8 @@ def _batch():
     """Four responses sharing one prompt (long enough for the shared-prefix path) and one with
     its own."""
     g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    ids = lambda n: torch.randint(  # noqa: E731  (a one-line helper)
+        0, VOCAB, (n,), generator=g).tolist()
     shared = ids(100)
     prompts = [shared] * 4 + [ids(7)]
     responses = [ids(n) for n in (5, 9, 1, 12, 3)]

@@ -461,7 +461,7 @@ def test_mismatch_metrics_over_processes():
              (torch.zeros(0), torch.zeros(0), torch.tensor([0]))]
     for level in ("token", "sequence"):
         local = []
-        fake_gather = lambda x: local.append(x.clone()) or x  # noqa: E731
+        fake_gather = lambda x: local.append(x.clone()) or x  # noqa: E731  (a one-line helper)
         for p in parts:
             rollout_mismatch_metrics(*p, level, gather=fake_gather)
         gathered = torch.cat(local)

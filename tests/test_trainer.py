@@ -217,7 +217,7 @@ def test_grpo_equals_icpo_at_omega_zero(tiny_random_model_dir, task_data, tmp_pa
         assert torch.equal(a["advantages"], b["advantages"])
         assert a["advantages"].abs().sum() > 0  # something to learn from
     # ICPO still reports its (zero-weighted) preference scores; GRPO reports zeros.
-    strip = lambda r: {k: v for k, v in deterministic(r).items()  # noqa: E731
+    strip = lambda r: {k: v for k, v in deterministic(r).items()  # noqa: E731  (a one-line helper)
                        if not k.startswith("icpo/score/")}
     assert [strip(r) for r in im] == [strip(r) for r in gm]
     assert_same_weights(iw, gw)

@@ -14,16 +14,16 @@ if trl.__version__ != "1.16.0":
     pytest.skip(f"icpo.integrations.trl is pinned to trl 1.16.0, found {trl.__version__}",
                 allow_module_level=True)
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset  # noqa: E402  (after the version skip)
+from transformers import AutoTokenizer  # noqa: E402  (after the version skip)
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402  (after the version skip)
 
-from icpo import ops  # noqa: E402
-from icpo.data.templates import build_prompt  # noqa: E402
-from icpo.integrations.trl import ICPOConfig, ICPOTrainer  # noqa: E402
-from icpo.models import resolve_model_path  # noqa: E402
-from icpo.rewards.verifiable import compute_score  # noqa: E402
-from icpo.tasks.arithmetic import make_records  # noqa: E402
+from icpo import ops  # noqa: E402  (after the version skip)
+from icpo.data.templates import build_prompt  # noqa: E402  (after the version skip)
+from icpo.integrations.trl import ICPOConfig, ICPOTrainer  # noqa: E402  (after the version skip)
+from icpo.models import resolve_model_path  # noqa: E402  (after the version skip)
+from icpo.rewards.verifiable import compute_score  # noqa: E402  (after the version skip)
+from icpo.tasks.arithmetic import make_records  # noqa: E402  (after the version skip)
 
 MODEL = resolve_model_path("icpo/tiny")
 G = 4
@@ -162,7 +162,7 @@ def test_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = json.loads(out.read_text())
     assert all(r["world"] == 2 for r in runs.values())
-    t = lambda x: torch.tensor(x)  # noqa: E731
+    t = lambda x: torch.tensor(x)  # noqa: E731  (a one-line helper)
     torch.testing.assert_close(t(runs["icpo0"]["advantages"]), t(runs["grpo"]["advantages"]),
                                rtol=1e-6, atol=1e-7)  # float32 rounding, as above
     r1 = runs["icpo1"]

@@ -27,10 +27,10 @@ if os.environ.get("ICPO_REQUIRE_VERL") == "1":
 else:
     pytest.importorskip("verl", reason="verl is not installed (see this file's docstring)")
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
-from verl import DataProto  # noqa: E402
+from verl import DataProto
 
-from icpo import ops  # noqa: E402
-from icpo.integrations.verl import icpo_outcome_advantage, register_icpo_estimator  # noqa: E402
+from icpo import ops
+from icpo.integrations.verl import icpo_outcome_advantage, register_icpo_estimator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_compat, for its batch helpers
 

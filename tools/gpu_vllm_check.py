@@ -121,7 +121,7 @@ def run(args, result: dict) -> bool:
     eng.sync_from(model, 0)
     result["sync_s"] = time.perf_counter() - t0
     synced = prompt_logprobs(eng, prompt, continuation)
-    gap = lambda a, b: max(abs(x - y) for x, y in zip(a, b))  # noqa: E731
+    gap = lambda a, b: max(abs(x - y) for x, y in zip(a, b))  # noqa: E731  (a one-line helper)
     result["update_moved"] = gap(after, before)
     result["stale_gap"] = gap(stale, after)
     result["synced_gap"] = gap(synced, after)

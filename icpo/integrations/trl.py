@@ -47,7 +47,7 @@ if trl.__version__ not in TESTED_TRL_VERSIONS:
                       f"and hooks its internals; found trl {trl.__version__}. Install "
                       f"trl=={TESTED_TRL_VERSIONS[-1]} (pip install 'icpo[trl]').")
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402  (after the TRL version check)
 
 
 @dataclass

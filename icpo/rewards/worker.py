@@ -125,7 +125,7 @@ class ForkedCalls:
             try:
                 parent_end.close()
                 _serve(self.fn, child_end, parent)
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001  (the forked child must reach os._exit)
                 code = 1
             finally:
                 os._exit(code)

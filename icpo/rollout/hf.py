@@ -129,7 +129,8 @@ class HFRolloutEngine(RolloutEngine):
 
         model, n = self.model, params.n
         device = next(model.parameters()).device
-        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        as_long = lambda x: torch.tensor(  # noqa: E731  (a one-line helper)
+            x, dtype=torch.long, device=device)
         # 1. Prefill each distinct prompt once, left-padded so that every row's last prompt
         #    token sits in the last column; then repeat its cache for its n samples.
         width = max(len(p) for p in prompts)

@@ -346,7 +346,7 @@ VLLM_MISSING = ("rollout engine 'vllm' needs vLLM 0.32.0: on GPU pip install 'ic
 def _import_vllm() -> None:
     """Import vLLM, or one clear line saying how to get it."""
     try:
-        import vllm  # noqa: F401
+        import vllm  # noqa: F401  (imported only to see that it can be)
     except ImportError as err:
         raise ImportError(VLLM_MISSING) from err
 

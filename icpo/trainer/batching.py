@@ -60,7 +60,7 @@ def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]],
         resp_lens.append(len(response))
         seq_lens.append(len(seq))
         offset += len(seq)
-    as_long = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731  (a one-line helper)
     return PackedBatch(list(idx), as_long(ids), as_long(pos), as_long(score_pos), as_long(labels),
                        _cumsum0(resp_lens), _cumsum0(seq_lens))
 

@@ -298,7 +298,8 @@ def _shared_prefix_hidden(body: torch.nn.Module, batch: PackedBatch) -> torch.Te
     if saved < SHARE_MIN_SAVED_TOKENS:
         return None
     device = batch.input_ids.device
-    as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    as_long = lambda x: torch.tensor(  # noqa: E731  (a one-line helper)
+        x, dtype=torch.int64, device=device)
     p_lens = as_long([len(p) for p in prompts])
     p_ids, p_mask = ops.unpack_to_padded(as_long([t for p in prompts for t in p]),
                                          torch.cat([p_lens.new_zeros(1), p_lens.cumsum(0)]))

@@ -92,7 +92,7 @@ def build_training_models(cfg, device: torch.device, optimizer_steps: int) -> Tr
         # Shard at load time instead of materializing the full model on every rank.
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(ds_train)  # noqa: F841
+        keep_alive = HfDeepSpeedConfig(ds_train)
     policy = load_causal_lm(cfg.model.path, dtype, device, cfg.model.attn_implementation)
     num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                      for p in policy.parameters())
