@@ -106,16 +106,21 @@ def test_bad_input_is_one_line_before_setup(case, data, tmp_path, capsys, no_set
         "temperature_0": (["rollout.temperature=0"], ["rollout.temperature"]),
         "temperature_tiny": (["rollout.temperature=1e-8"], ["rollout.temperature"]),
         "clip_low_above_1": (["actor.clip_low=1.5", "actor.clip_high=2.0"], ["actor.clip_low"]),
-        "reward_module": (["reward.function=no_such_module_xyz:score"], ["reward.function", "no_such_module_xyz"]),
-        "reward_attr": (["reward.function=icpo.rewards.verifiable:nope"], ["reward.function", "nope"]),
-        "reward_signature": ([f"reward.function={data / 'rewards.py'}:two_args"], ["reward.function", "extra_info"]),
+        "reward_module": (["reward.function=no_such_module_xyz:score"],
+                          ["reward.function", "no_such_module_xyz"]),
+        "reward_attr": (["reward.function=icpo.rewards.verifiable:nope"],
+                        ["reward.function", "nope"]),
+        "reward_signature": ([f"reward.function={data / 'rewards.py'}:two_args"],
+                             ["reward.function", "extra_info"]),
         "model_missing": ([f"model.path={tmp_path / 'no_model'}"], ["model.path", "no_model"]),
         "model_hub_id": (["model.path=SomeOrg/NotCachedModel-1B"], ["model.path", "hf download"]),
         "output_is_file": ([], ["trainer.output_dir", "is a file"]),
-        "output_under_file": ([f"trainer.output_dir={tmp_path / 'afile' / 'run'}"], ["trainer.output_dir"]),
+        "output_under_file": ([f"trainer.output_dir={tmp_path / 'afile' / 'run'}"],
+                              ["trainer.output_dir"]),
         "missing_package": (["model.attn_implementation=flash_attention_2"],
                             ["model.attn_implementation", "flash_attn"]),
-        "n_1": (["rollout.n=1", "trainer.train_batch_size=4"], ["rollout.n", "allow_single_sample"]),
+        "n_1": (["rollout.n=1", "trainer.train_batch_size=4"],
+                ["rollout.n", "allow_single_sample"]),
         "data_missing": ([f"data.train_files=[{tmp_path / 'nope.jsonl'}]"], ["nope.jsonl"]),
         "data_folder": ([f"data.train_files=[{tmp_path}]"], [str(tmp_path)]),
         "data_not_utf8": ([_bad_utf8(data, tmp_path)] if case == "data_not_utf8" else [],
@@ -224,14 +229,16 @@ def test_a_resume_supersedes_the_steps_it_redoes(tmp_path):
 
 @pytest.mark.parametrize("change,field", [
     ("rollout.n=2", "rollout.n"), ("algorithm.name=grpo", "algorithm.name"),
-    (f"model.path={bundled_model_dir()}", "model.path"), ("trainer.total_steps=3", "trainer.total_steps"),
+    (f"model.path={bundled_model_dir()}", "model.path"),
+    ("trainer.total_steps=3", "trainer.total_steps"),
     ("algorithm.omega.schedule=constant", "algorithm.omega.schedule"),
     ("actor.ppo_epochs=2", "actor.ppo_epochs")])
 def test_resume_refuses_a_changed_must_match_field(data, tmp_path, capsys, no_setup, change, field):
     out = tmp_path / "run"
     saved = cfg_of(data, out)
     _fake_run(out, cfg=saved)
-    overrides = [change] + (["rollout.n=2", "trainer.train_batch_size=4"] if "rollout.n" in change else [])
+    overrides = [change] + (["rollout.n=2", "trainer.train_batch_size=4"]
+                            if "rollout.n" in change else [])
     d = tiny(data, out)
     config = tmp_path / "new.yaml"
     config.write_text(yaml.safe_dump(d))
@@ -248,8 +255,8 @@ def test_resume_warns_about_a_changed_lr_and_rescales_when_told(data, tmp_path, 
     assert pre.checkpoint == out / "checkpoints" / "step_000002"
     assert any("actor.lr changed on resume: 1e-06 -> 5e-06" in n for n in pre.notes)
     assert "actor.lr changed on resume" in capsys.readouterr().err
-    pre = preflight(cfg_of(data, out, "trainer.total_steps=5", "trainer.resume_total_steps=rescale"),
-                    resume="auto")
+    pre = preflight(cfg_of(data, out, "trainer.total_steps=5",
+                           "trainer.resume_total_steps=rescale"), resume="auto")
     assert any("rescaled" in n for n in pre.notes)
 
 
