@@ -237,9 +237,9 @@ def test_series_and_band_edge_cases(tmp_path):
 
 
 def test_bonus_not_derived_under_drop_mixed_groups_and_bad_lines_named(tmp_path):
-    from icpo.trainer import trainer as trainer_mod
+    from icpo.trainer import peer_features
 
-    assert rep.KEPT in Path(trainer_mod.__file__).read_text()  # the key the trainer logs
+    assert rep.KEPT in Path(peer_features.__file__).read_text()  # the key the trainer logs
     _write_run(tmp_path / "c", 2, [0.3, 0.3], [0.5, 0.5], final_shift=0.2, coarse=True)
     rows = rep.read_rows(tmp_path / "c" / "metrics.jsonl")
     assert all(rep.BONUS not in r for r in rows)
