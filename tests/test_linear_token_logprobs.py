@@ -209,10 +209,11 @@ def test_all_labels_ignored(dtype):
 
 
 def test_custom_ignore_index_and_empty_batch():
-    hidden, weight, b, labels = make_inputs((8,), 6, 101, seed=8)
+    hidden, weight, b, labels = make_inputs((8,), 6, 301, seed=8)
     labels[labels == 5] = 6
     labels[[1, 4]] = 5
-    logp, entropy = linear_token_logprobs(hidden, weight, labels, bias=b, ignore_index=5)
+    logp, entropy = linear_token_logprobs(hidden, weight, labels, bias=b, ignore_index=5,
+                                          chunk_size=1)  # slices of 128 and 2-token tiles
     r_logp, r_entropy = reference.linear_token_logprobs(hidden, weight, labels, bias=b,
                                                         ignore_index=5)
     assert torch.equal(logp[[1, 4]], torch.zeros(2))
