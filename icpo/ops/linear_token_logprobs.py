@@ -3,8 +3,8 @@
 ``logits = hidden @ weight.T + bias`` is a ``[T, V]`` tensor of GBs at real vocabularies
 (151936 x 4096 tokens: 2.4 GB in fp32), and its gradient another. The compiled ops
 (``torch.ops.icpo.linear_token_logprobs_fwd`` / ``_bwd``, schemas in ``csrc/ops.cpp``, design in
-``csrc/linear_token_logprobs.cpp``) compute the label's log-prob and the entropy chunk by chunk
-into one reused buffer, and the backward recomputes the logits slice by slice of the vocabulary.
+``csrc/linear_token_logprobs.cpp``) make the logits one vocabulary slice at a time in a reused
+buffer, merging the slices' softmax statistics, and the backward recomputes them the same way.
 This module validates inputs, flattens ``[B, L, H]`` to ``[B*L, H]``, and attaches fake kernels
 and autograd (to ``hidden``, ``weight`` and ``bias``).
 """
