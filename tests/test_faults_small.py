@@ -4,7 +4,6 @@ resume prints, the way on after a stop before any checkpoint."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from launch import clean_env
 
 from icpo import __version__, cli
 from icpo.tasks.arithmetic import make_records, write_jsonl
@@ -85,7 +85,9 @@ def test_train_prints_a_summary_and_the_resumed_checkpoint(tmp_path):
 
 
 def _icpo(*argv: str) -> subprocess.CompletedProcess:
+    # clean_env: without the rendezvous variables an in-process trainer of an earlier test left
+    # in os.environ (its MASTER_PORT is still bound by this process: EADDRINUSE in the child).
     proc = subprocess.run([sys.executable, "-m", "icpo.cli", *argv], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
