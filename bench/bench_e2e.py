@@ -65,6 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from icpo._io import atomic_write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_table, write_results  # noqa: E402
 
@@ -274,10 +276,7 @@ def worker(args) -> None:
         out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = peak_rss_mib()
     out["torch_threads"] = torch.get_num_threads()
-    tmp_path = args.result + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(out, f)
-    os.replace(tmp_path, args.result)
+    atomic_write_text(args.result, json.dumps(out))
 
 
 def spawn(provider: str, args, argv: list[str]) -> dict:
